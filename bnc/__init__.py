@@ -1,0 +1,22 @@
+"""bnc: Batch Normalization for the CPU on NumPy arrays, with PyTorch's semantics."""
+
+from ._runtime import config, get_num_threads, select_isa_from_environment, set_num_threads
+from .functional import batch_norm_backward, batch_norm_forward
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+select_isa_from_environment()
+del select_isa_from_environment
+
+__version__ = config()["version"]
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "config",
+    "get_num_threads",
+    "set_num_threads",
+    "__version__",
+]

@@ -1,0 +1,49 @@
+"""Run-time configuration: ISA choice at import, thread count, and ``bnc.config()``."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any, Dict
+
+from . import _core
+
+
+def select_isa_from_environment() -> None:
+    """Picks the best ISA path the CPU has, or the one named by ``BNC_FORCE_ISA``."""
+    forced = os.environ.get("BNC_FORCE_ISA", "").strip().lower()
+    try:
+        _core.select_isa(forced)
+    except ValueError as error:
+        raise ImportError(
+            f"{error} (this CPU has: {', '.join(_core.available_isas())})"
+        ) from None
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads the kernels use (default: ``OMP_NUM_THREADS`` or all cores).
+
+    Results are bitwise identical for any thread count. Calls in flight are not affected.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n: expected a thread count >= 1, got {n}")
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads the kernels use."""
+    return int(_core.get_num_threads())
+
+
+def config() -> Dict[str, Any]:
+    """bnc's build and run-time configuration."""
+    return {
+        "version": _core.__version__,
+        "isa": _core.active_isa(),
+        "isa_available": list(_core.available_isas()),
+        "openmp": bool(_core.have_openmp()),
+        "num_threads": get_num_threads(),
+        "sanitized": bool(_core.sanitized),
+    }

@@ -1,0 +1,265 @@
+"""Stateless BatchNorm: ``batch_norm_forward`` and ``batch_norm_backward`` on NumPy arrays.
+
+Every argument is checked here before any kernel runs, so a bad call raises ``TypeError`` (dtype)
+or ``ValueError`` (shape, channels, contiguity, ``out``) naming the argument, what was expected and
+what was given -- and modifies nothing. The C++ kernels (``bnc._core``) check again.
+
+Dtypes: ``x`` is float16, float32 or float64. Per-channel arrays (weight, bias, running statistics,
+save_mean, save_invstd, gradients of weight and bias) have the same dtype as ``x``, except for
+float16 input, whose per-channel arrays are float32 (as in PyTorch). Nothing is cast silently.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["batch_norm_forward", "batch_norm_backward"]
+
+_INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def param_dtype(input_dtype: np.dtype) -> np.dtype:
+    """The dtype of the per-channel arrays for input of ``input_dtype`` (float32 for float16)."""
+    return np.dtype(np.float32) if input_dtype == np.float16 else np.dtype(input_dtype)
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    return str(dtype) if dtype.isnative else f"{dtype} (non-native byte order {dtype.str!r})"
+
+
+def check_input(x: object, name: str = "x") -> np.ndarray:
+    """Checks an input tensor and returns it C-contiguous (a strided array is copied once)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in _INPUT_DTYPES or not x.dtype.isnative:
+        raise TypeError(
+            f"{name}: expected dtype float16, float32 or float64, got {_describe_dtype(x.dtype)}"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def normalize_axis(axis: object, ndim: int) -> int:
+    """The channel axis as a non-negative index."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis: expected an axis of a {ndim}-D input in [{-ndim}, {ndim}), got {axis}")
+    return axis % ndim
+
+
+def _check_per_channel(
+    array: object, name: str, channels: int, dtype: np.dtype, *, writeable: bool = False
+) -> Optional[np.ndarray]:
+    """Checks a per-channel array: ndarray of ``dtype`` and shape (channels,).
+
+    Inputs may be strided (they are copied, they are small); arrays updated in place must be
+    C-contiguous and writeable, because a copy would lose the update.
+    """
+    if array is None:
+        return None
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(array).__name__}")
+    if array.dtype != dtype or not array.dtype.isnative:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {_describe_dtype(array.dtype)}")
+    if array.shape != (channels,):
+        raise ValueError(f"{name}: expected shape ({channels},), got {array.shape}")
+    if writeable:
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a C-contiguous array (it is updated in place)")
+        if not array.flags.writeable:
+            raise ValueError(f"{name}: expected a writeable array (it is updated in place)")
+        return array
+    return np.ascontiguousarray(array)
+
+
+def _check_out(out: object, like: np.ndarray, inputs: dict) -> np.ndarray:
+    """Checks ``out=`` against the input ``like``; allocates it when None."""
+    if out is None:
+        return np.empty_like(like)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy.ndarray or None, got {type(out).__name__}")
+    if out.dtype != like.dtype or not out.dtype.isnative:
+        raise TypeError(f"out: expected dtype {like.dtype}, got {_describe_dtype(out.dtype)}")
+    if out.shape != like.shape:
+        raise ValueError(f"out: expected shape {like.shape}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out: expected a C-contiguous array, got a strided one")
+    if not out.flags.writeable:
+        raise ValueError("out: expected a writeable array, got a read-only one")
+    for name, array in inputs.items():
+        if array is not None and np.may_share_memory(out, array):
+            raise ValueError(f"out: expected memory not shared with {name}, got an overlapping array")
+    return out
+
+
+def _check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not eps > 0.0 or not np.isfinite(eps):
+        raise ValueError(f"eps must be positive (and finite), got {eps}")
+    return eps
+
+
+def _check_momentum(momentum: object) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not np.isfinite(momentum):
+        raise ValueError(f"momentum: expected a finite float, got {momentum}")
+    return momentum
+
+
+def batch_norm_forward(
+    x: np.ndarray,
+    weight: Optional[np.ndarray] = None,
+    bias: Optional[np.ndarray] = None,
+    running_mean: Optional[np.ndarray] = None,
+    running_var: Optional[np.ndarray] = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch normalization forward, with PyTorch's semantics.
+
+    Args:
+        x: input of shape (N, C, ...) -- or channels-last (N, ..., C) with ``axis=-1`` -- and dtype
+            float16, float32 or float64. A non-contiguous ``x`` is copied once.
+        weight, bias: (C,) scale and shift, or None (1 and 0).
+        running_mean, running_var: (C,) running statistics. With ``training=True`` they are updated
+            in place (if given): ``running = (1 - momentum) * running + momentum * batch``, with the
+            unbiased batch variance. A channel whose batch statistics are not finite is not updated
+            (a ``RuntimeWarning`` counts such channels). Required with ``training=False``.
+        training: True normalizes with the batch statistics; False with the running statistics.
+        momentum: weight of the batch statistics in the running update.
+        eps: added to the variance; must be positive.
+        axis: the channel axis (default 1; -1 for channels-last).
+        out: optional C-contiguous array of x's shape and dtype to write y into (returned).
+
+    Returns:
+        ``(y, save_mean, save_invstd)``: y like x; save_mean and save_invstd of shape (C,), the mean
+        and 1/sqrt(var + eps) used to normalize (the running ones when ``training=False``).
+    """
+    x = check_input(x)
+    axis = normalize_axis(axis, x.ndim)
+    channels = x.shape[axis]
+    pdtype = param_dtype(x.dtype)
+    weight = _check_per_channel(weight, "weight", channels, pdtype)
+    bias = _check_per_channel(bias, "bias", channels, pdtype)
+    running_mean = _check_per_channel(running_mean, "running_mean", channels, pdtype, writeable=True)
+    running_var = _check_per_channel(running_var, "running_var", channels, pdtype, writeable=True)
+    eps = _check_eps(eps)
+    momentum = _check_momentum(momentum)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(
+            "running_mean, running_var: expected both arrays when training=False, got "
+            f"{'None' if running_mean is None else 'an array'} and "
+            f"{'None' if running_var is None else 'an array'}"
+        )
+    out = _check_out(
+        out,
+        x,
+        {"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
+         "running_var": running_var},
+    )
+    save_mean = np.empty(channels, pdtype)
+    save_invstd = np.empty(channels, pdtype)
+    per_channel = x.size // channels if channels else 0
+
+    if training:
+        if per_channel == 0:
+            # Empty batch: empty output, nothing updated (as PyTorch). No statistics exist.
+            save_mean.fill(np.nan)
+            save_invstd.fill(np.nan)
+            return out, save_mean, save_invstd
+        if per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.shape}"
+            )
+        skipped = _core.forward_train(
+            x, out, weight, bias, running_mean, running_var, axis, eps, momentum, save_mean,
+            save_invstd,
+        )
+        if skipped and (running_mean is not None or running_var is not None):
+            warnings.warn(
+                f"bnc: batch statistics of {skipped} of {channels} channels are not finite (NaN or "
+                "Inf in the input); their running statistics were not updated",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    else:
+        _core.forward_eval(
+            x, out, weight, bias, running_mean, running_var, axis, eps, save_mean, save_invstd
+        )
+    return out, save_mean, save_invstd
+
+
+def batch_norm_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    save_mean: np.ndarray,
+    save_invstd: np.ndarray,
+    weight: Optional[np.ndarray] = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    out: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch normalization backward, with PyTorch's semantics.
+
+    Args:
+        dy: gradient of the output, same shape and dtype as ``x``.
+        x: the forward's input.
+        save_mean, save_invstd: (C,) as returned by ``batch_norm_forward``.
+        weight: (C,) scale, or None.
+        training: True differentiates through the batch statistics (the forward used
+            ``training=True``); False treats mean and invstd as constants (inference).
+        axis: the channel axis, as in the forward.
+        out: optional C-contiguous array of x's shape and dtype to write dx into (returned).
+
+    Returns:
+        ``(dx, grad_weight, grad_bias)``: dx like x; grad_weight = sum(dy * (x - mean) * invstd)
+        and grad_bias = sum(dy) over all but the channel axis, shape (C,).
+    """
+    dy = check_input(dy, "dy")
+    x = check_input(x, "x")
+    if x.dtype != dy.dtype:
+        raise TypeError(f"x: expected dtype {dy.dtype} (the dtype of dy), got {x.dtype}")
+    if x.shape != dy.shape:
+        raise ValueError(f"dy: expected the shape of x {x.shape}, got {dy.shape}")
+    axis = normalize_axis(axis, x.ndim)
+    channels = x.shape[axis]
+    pdtype = param_dtype(x.dtype)
+    for name, array in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if array is None:
+            raise TypeError(f"{name}: expected a numpy.ndarray of shape ({channels},), got None")
+    save_mean = _check_per_channel(save_mean, "save_mean", channels, pdtype)
+    save_invstd = _check_per_channel(save_invstd, "save_invstd", channels, pdtype)
+    weight = _check_per_channel(weight, "weight", channels, pdtype)
+    out = _check_out(
+        out,
+        x,
+        {"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd, "weight": weight},
+    )
+    grad_weight = np.empty(channels, pdtype)
+    grad_bias = np.empty(channels, pdtype)
+    if x.size == 0:
+        grad_weight.fill(0)
+        grad_bias.fill(0)
+        return out, grad_weight, grad_bias
+    _core.backward(
+        dy, x, out, save_mean, save_invstd, weight, axis, bool(training), grad_weight, grad_bias
+    )
+    return out, grad_weight, grad_bias

@@ -1,0 +1,247 @@
+"""BatchNorm1d/2d/3d: thin stateful wrappers over ``bnc.functional`` with PyTorch's semantics.
+
+A module keeps weight (gamma), bias (beta), the running statistics and what its last forward saved
+for ``backward``. All computation is in ``bnc.functional`` and the C++ kernels.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_MODULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _BatchNorm:
+    """Base class; subclasses set the accepted input dimensionalities."""
+
+    _ndims: Tuple[int, ...] = ()
+    _ndims_text = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        bias: bool = True,
+        axis: int = 1,
+        dtype: object = np.float32,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features: expected an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features: expected a positive int, got {num_features}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
+        if dtype not in _MODULE_DTYPES:
+            raise TypeError(
+                f"dtype: expected float32 or float64 (float32 modules also take float16 input), "
+                f"got {dtype}"
+            )
+        self.num_features = int(num_features)
+        self.eps = F._check_eps(eps)
+        self.momentum = None if momentum is None else F._check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        c = self.num_features
+        self.weight: Optional[np.ndarray] = np.ones(c, dtype) if self.affine else None
+        self.bias: Optional[np.ndarray] = np.zeros(c, dtype) if self.affine and bias else None
+        self.running_mean: Optional[np.ndarray] = None
+        self.running_var: Optional[np.ndarray] = None
+        self.num_batches_tracked: Optional[int] = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(c, dtype)
+            self.running_var = np.ones(c, dtype)
+            self.num_batches_tracked = 0
+        self.training = True
+        self.grad_weight: Optional[np.ndarray] = None
+        self.grad_bias: Optional[np.ndarray] = None
+        # (x, save_mean, save_invstd, used batch statistics) of the last forward
+        self._saved: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = None
+
+    # -- mode ------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "_BatchNorm":
+        """Sets training mode (batch statistics, running-statistics update); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "_BatchNorm":
+        """Sets inference mode (running statistics); returns self."""
+        return self.train(False)
+
+    # -- forward / backward ----------------------------------------------------------------------
+
+    def _check_input(self, x: object) -> np.ndarray:
+        x = F.check_input(x)
+        if x.ndim not in self._ndims:
+            raise ValueError(f"expected {self._ndims_text} input (got {x.ndim}D input)")
+        accepted = (self.dtype,) if self.dtype == np.float64 else (self.dtype, np.dtype(np.float16))
+        if x.dtype not in accepted:
+            raise TypeError(
+                f"x: expected dtype {' or '.join(map(str, accepted))} (the module's dtype), "
+                f"got {x.dtype}"
+            )
+        axis = F.normalize_axis(self.axis, x.ndim)
+        if x.shape[axis] != self.num_features:
+            raise ValueError(
+                f"x: expected {self.num_features} channels on axis {self.axis}, got "
+                f"{x.shape[axis]} (input shape {x.shape})"
+            )
+        return x
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalizes ``x`` of shape (N, C, ...) (or channels-last with ``axis=-1``).
+
+        Training mode normalizes with the batch statistics and, when tracking, updates the running
+        statistics and ``num_batches_tracked``; eval mode uses the running statistics (or the batch
+        statistics when ``track_running_stats=False``). Returns y, same shape and dtype as x.
+        """
+        x = self._check_input(x)
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        momentum = self.momentum
+        if update and momentum is None:  # cumulative moving average
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        y, save_mean, save_invstd = F.batch_norm_forward(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if (update or not use_batch_stats) else None,
+            self.running_var if (update or not use_batch_stats) else None,
+            training=use_batch_stats,
+            momentum=0.0 if momentum is None else momentum,
+            eps=self.eps,
+            axis=self.axis,
+        )
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = (x, save_mean, save_invstd, use_batch_stats)
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Gradient of the last forward: returns dx and sets ``grad_weight`` and ``grad_bias``."""
+        if self._saved is None:
+            raise ValueError("backward: expected a forward call before backward, got none")
+        x, save_mean, save_invstd, use_batch_stats = self._saved
+        if not isinstance(dy, np.ndarray):
+            raise TypeError(f"dy: expected a numpy.ndarray, got {type(dy).__name__}")
+        if dy.shape != x.shape:
+            raise ValueError(f"dy: expected the shape of the last input {x.shape}, got {dy.shape}")
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy: expected dtype {x.dtype} (the last input's), got {dy.dtype}")
+        dx, grad_weight, grad_bias = F.batch_norm_backward(
+            dy, x, save_mean, save_invstd, self.weight, training=use_batch_stats, axis=self.axis
+        )
+        self.grad_weight = grad_weight if self.weight is not None else None
+        self.grad_bias = grad_bias if self.bias is not None else None
+        return dx
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _state_names(self) -> Tuple[str, ...]:
+        names = []
+        if self.weight is not None:
+            names.append("weight")
+        if self.bias is not None:
+            names.append("bias")
+        if self.track_running_stats:
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        return tuple(names)
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of the state under PyTorch's key names and shapes (num_batches_tracked: 0-d int64)."""
+        state = {}
+        for name in self._state_names():
+            if name == "num_batches_tracked":
+                state[name] = np.array(self.num_batches_tracked, dtype=np.int64)
+            else:
+                state[name] = getattr(self, name).copy()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, object], strict: bool = True) -> None:
+        """Loads a state dict such as ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``.
+
+        Everything is checked before anything is written: missing keys (and, with ``strict``,
+        unexpected ones), shapes and dtypes raise and leave the module unchanged.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+        names = self._state_names()
+        missing = [k for k in names if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in names]
+        if missing or (strict and unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing}")
+            if strict and unexpected:
+                parts.append(f"unexpected keys {unexpected}")
+            raise ValueError(f"state_dict: expected keys {list(names)}, got {'; '.join(parts)}")
+        values = {}
+        for name in names:
+            value = np.asarray(state_dict[name])
+            if name == "num_batches_tracked":
+                if value.shape not in ((), (1,)) or value.dtype.kind not in "iu":
+                    raise ValueError(
+                        f"num_batches_tracked: expected a 0-d integer array, got shape "
+                        f"{value.shape} dtype {value.dtype}"
+                    )
+                values[name] = int(value.reshape(()))
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(
+                    f"{name}: expected shape ({self.num_features},), got {value.shape}"
+                )
+            if value.dtype != self.dtype:
+                raise TypeError(f"{name}: expected dtype {self.dtype}, got {value.dtype}")
+            values[name] = value
+        for name, value in values.items():
+            if name == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                np.copyto(getattr(self, name), value)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"axis={self.axis}, dtype={self.dtype})"
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """BatchNorm over (N, C) or (N, C, L) input (or (N, L, C) with ``axis=-1``)."""
+
+    _ndims = (2, 3)
+    _ndims_text = "2D or 3D"
+
+
+class BatchNorm2d(_BatchNorm):
+    """BatchNorm over (N, C, H, W) input (or (N, H, W, C) with ``axis=-1``)."""
+
+    _ndims = (4,)
+    _ndims_text = "4D"
+
+
+class BatchNorm3d(_BatchNorm):
+    """BatchNorm over (N, C, D, H, W) input (or (N, D, H, W, C) with ``axis=-1``)."""
+
+    _ndims = (5,)
+    _ndims_text = "5D"

@@ -1,0 +1,65 @@
+// bnc kernel interface: plain C++17, no Python. Every kernel works on an (outer, channels, inner)
+// geometry: element (o, c, i) of a C-contiguous array lives at ((o * channels) + c) * inner + i.
+#pragma once
+
+#include <cstdint>
+
+namespace bnc {
+
+struct Geometry {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+  int64_t per_channel() const { return outer * inner; }
+  int64_t size() const { return outer * channels * inner; }
+};
+
+// Element type of float16 arrays (NumPy's float16 is IEEE binary16, like _Float16).
+using half = _Float16;
+
+// Forward in training mode (batch statistics). `weight`, `bias`, `running_mean` and `running_var`
+// may be null. The running statistics of a channel are updated with the unbiased variance unless
+// that channel's batch statistics are not finite; the number of such skipped channels is returned.
+// Requires outer * inner >= 2.
+// Every kernel returns a negative value when it cannot allocate its (small) workspace.
+template <class T, class P>
+using ForwardTrainFn = int64_t (*)(const T* x, T* y, Geometry g, const P* weight, const P* bias,
+                                   double eps, double momentum, P* running_mean, P* running_var,
+                                   P* save_mean, P* save_invstd, int num_threads);
+
+// Forward in inference mode: normalizes with the running statistics; writes
+// save_mean = running_mean and save_invstd = 1 / sqrt(running_var + eps).
+// Returns 0.
+template <class T, class P>
+using ForwardEvalFn = int64_t (*)(const T* x, T* y, Geometry g, const P* weight, const P* bias,
+                               const P* running_mean, const P* running_var, double eps,
+                               P* save_mean, P* save_invstd, int num_threads);
+
+// Backward: dx, grad_weight = sum(dy * (x - mean) * invstd), grad_bias = sum(dy).
+// training=true differentiates through the batch statistics; false treats them as constants.
+// Returns 0.
+template <class T, class P>
+using BackwardFn = int64_t (*)(const T* dy, const T* x, T* dx, Geometry g, const P* save_mean,
+                            const P* save_invstd, const P* weight, bool training,
+                            P* grad_weight, P* grad_bias, int num_threads);
+
+template <class T, class P>
+struct KernelSet {
+  ForwardTrainFn<T, P> forward_train;
+  ForwardEvalFn<T, P> forward_eval;
+  BackwardFn<T, P> backward;
+};
+
+struct KernelTable {
+  const char* isa;
+  KernelSet<float, float> f32;
+  KernelSet<double, double> f64;
+  KernelSet<half, float> f16;
+};
+
+// Per-ISA tables, defined in isa_*.cpp.
+const KernelTable& kernel_table_baseline();
+const KernelTable& kernel_table_avx2();
+const KernelTable& kernel_table_avx512();
+
+}  // namespace bnc

@@ -1,0 +1,726 @@
+// The BatchNorm kernels. This file is compiled once per instruction set: isa_<name>.cpp defines
+// BNC_ISA (a namespace name) and includes it, and the compiler flags of that translation unit decide
+// which instructions the vector code below turns into. Everything lives in an anonymous namespace
+// inside bnc::BNC_ISA and uses no inline helpers from other headers (no std:: templates), so no
+// function compiled for one ISA can be picked by the linker for another.
+//
+// Shape of the work: every operation is a per-channel reduction (two sums per channel), a tiny
+// per-channel finalize (statistics -> coefficients), and a per-element affine map. Both steps walk a
+// "plan": the tensor is cut into tasks of (a chunk of channels) x (a block of rows), cut by the
+// shape alone. Each task reduces its data in a fixed order and the row-block partials are merged in
+// a fixed order, so every result is bitwise identical for any thread count.
+//
+// Numerics of the statistics: each channel is shifted by a pivot (its first element; the saved mean
+// in backward), and the sums of d = x - pivot and d*d are accumulated in double in 16 fixed lanes.
+// The pivot lies within the data's spread, so Q/n - (S/n)^2 cancels no more than a few digits even
+// when the mean is 1e5 times the standard deviation, and double sums cannot overflow for float data.
+// Since all lanes share a channel's pivot, partial sums merge by plain (ordered) addition.
+//
+// Numerics of the apply: y = ((x - mean_hi) - mean_lo) * scale + shift, with the mean split into two
+// numbers of the compute type, so x - mean is exact where it matters (x close to a large mean);
+// y = alpha * x + beta (PyTorch's form) loses digits there.
+
+#ifndef BNC_ISA
+#error "define BNC_ISA before including batch_norm_impl.h"
+#endif
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/batch_norm.h"
+
+#if BNC_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace bnc {
+namespace BNC_ISA {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Vectors of 16 lanes. GCC/Clang lower them to whatever the translation unit's ISA offers
+// (4 SSE, 2 AVX or 1 AVX-512 register per 16 floats); the lane arithmetic is the same everywhere.
+
+typedef double f64x16 __attribute__((vector_size(16 * sizeof(double))));
+typedef float f32x16 __attribute__((vector_size(16 * sizeof(float))));
+typedef _Float16 f16x16 __attribute__((vector_size(16 * sizeof(_Float16))));
+
+constexpr int64_t kLanes = 16;
+
+template <class T>
+struct Types;
+template <>
+struct Types<float> {
+  using Compute = float;  // precision of the elementwise apply
+  using Raw = f32x16;
+  using Vec = f32x16;
+};
+template <>
+struct Types<double> {
+  using Compute = double;
+  using Raw = f64x16;
+  using Vec = f64x16;
+};
+template <>
+struct Types<_Float16> {
+  using Compute = float;
+  using Raw = f16x16;
+  using Vec = f32x16;
+};
+
+template <class T>
+using Compute = typename Types<T>::Compute;
+template <class T>
+using Vec = typename Types<T>::Vec;
+
+template <class T>
+inline f64x16 load_f64(const T* p) {
+  typename Types<T>::Raw raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return __builtin_convertvector(raw, f64x16);
+}
+
+template <class T>
+inline Vec<T> load_compute(const T* p) {
+  typename Types<T>::Raw raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return __builtin_convertvector(raw, Vec<T>);
+}
+
+template <class T>
+inline void store_compute(T* p, Vec<T> v) {
+  typename Types<T>::Raw raw = __builtin_convertvector(v, typename Types<T>::Raw);
+  std::memcpy(p, &raw, sizeof(raw));
+}
+
+template <class V, class S>
+inline V broadcast(S s) {
+  V v = {};
+  return v + s;
+}
+
+// Sum of the 16 lanes in a fixed pairwise order.
+inline double lane_sum(f64x16 v) {
+  double t[kLanes];
+  std::memcpy(t, &v, sizeof(t));
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+    for (int64_t k = 0; k < width; ++k) t[k] += t[k + width];
+  return t[0];
+}
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline bool is_finite(double v) { return __builtin_isfinite(v); }
+
+// ---------------------------------------------------------------------------------------------
+// The plan: how a tensor is cut into tasks. It depends on the shape and element size only.
+
+// inner below this: a task walks whole row pieces (channels x inner), one accumulator per element
+// of the piece ("row family"); at or above it, each (row, channel) segment is long enough to
+// vectorize along it with 16 lanes per channel ("segment family").
+constexpr int64_t kSegmentMinInner = 64;
+// Most accumulator lanes one task keeps (row family), so they stay in L1.
+constexpr int64_t kChunkElems = 1024;
+// Contiguous bytes a task reads per row at least, so hardware prefetch works.
+constexpr int64_t kMinRunBytes = 1024;
+// A chunk whose whole data is at most this is reduced and applied by one task while in L2.
+constexpr int64_t kFuseBytes = 256 * 1024;
+// Data per task when a chunk is too big to fuse and is cut into row blocks.
+constexpr int64_t kTaskBytes = 256 * 1024;
+constexpr int64_t kMaxRowBlocks = 256;
+// Chunks processed together (reduce, then apply) when not fused, so the second sweep hits L3.
+constexpr int64_t kGroupBytes = 4 * 1024 * 1024;
+// Below this many bytes of input the kernels run on one thread: thread start-up costs more.
+constexpr int64_t kSerialBytes = 96 * 1024;
+
+struct Plan {
+  Geometry g;
+  bool row_family;
+  int64_t chunk_channels;
+  int64_t rows_per_block;
+  int64_t num_chunks;
+  int64_t num_row_blocks;
+  int64_t chunks_per_group;
+  bool fused;
+  int64_t num_tasks() const { return num_chunks * num_row_blocks; }
+};
+
+inline Plan make_plan(Geometry g, int64_t elem_bytes) {
+  Plan p;
+  p.g = g;
+  p.row_family = g.inner < kSegmentMinInner;
+  const int64_t inner = max64(g.inner, 1);  // empty tensors: any valid plan does no work
+  const int64_t channel_bytes = max64(1, g.outer * inner * elem_bytes);
+  const int64_t max_chunk = max64(1, kChunkElems / inner);
+  const int64_t min_chunk = ceil_div(kMinRunBytes, inner * elem_bytes);
+  int64_t chunk = max64(kFuseBytes / channel_bytes, min_chunk);
+  chunk = min64(min64(chunk, max_chunk), g.channels);
+  p.chunk_channels = max64(chunk, 1);
+  p.num_chunks = ceil_div(g.channels, p.chunk_channels);
+  const int64_t chunk_bytes = p.chunk_channels * channel_bytes;
+  p.fused = chunk_bytes <= kFuseBytes;
+  if (p.fused) {
+    p.rows_per_block = max64(g.outer, 1);
+  } else {
+    const int64_t row_bytes = p.chunk_channels * inner * elem_bytes;
+    p.rows_per_block = max64(1, kTaskBytes / row_bytes);
+    if (ceil_div(g.outer, p.rows_per_block) > kMaxRowBlocks)
+      p.rows_per_block = ceil_div(g.outer, kMaxRowBlocks);
+  }
+  p.num_row_blocks = max64(1, ceil_div(g.outer, p.rows_per_block));
+  p.chunks_per_group = max64(1, kGroupBytes / chunk_bytes);
+  return p;
+}
+
+inline int threads_for(const Plan& p, int64_t elem_bytes, int requested) {
+  if (requested < 1) requested = 1;
+  if (p.g.size() * elem_bytes < kSerialBytes) return 1;
+  const int64_t tasks = p.fused ? p.num_chunks : p.num_tasks();
+  return static_cast<int>(min64(requested, max64(tasks, 1)));
+}
+
+// Runs body(thread_id, num_threads) on a team of `threads`; the body may contain barriers.
+template <class Body>
+inline void run_team(int threads, Body& body) {
+#if BNC_HAVE_OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  (void)threads;
+  body(0, 1);
+}
+
+inline void team_barrier() {
+#if BNC_HAVE_OPENMP
+#pragma omp barrier
+#endif
+}
+
+// Tasks [begin, end) of `count` for thread `tid` of `nth`: a contiguous static split.
+inline void split_range(int64_t count, int tid, int nth, int64_t& begin, int64_t& end) {
+  begin = count * tid / nth;
+  end = count * (tid + 1) / nth;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reduction terms: the two per-element quantities summed per channel, given the channel's shift.
+
+// Forward statistics: d = x - pivot; sums of d and d*d.
+template <class T>
+struct MomentTerms {
+  const T* x;
+  void vec(int64_t off, f64x16 shift, f64x16& a, f64x16& b) const {
+    const f64x16 d = load_f64(x + off) - shift;
+    a += d;
+    b += d * d;
+  }
+  void one(int64_t off, double shift, double& a, double& b) const {
+    const double d = static_cast<double>(x[off]) - shift;
+    a += d;
+    b += d * d;
+  }
+};
+
+// Backward statistics: sums of dy and dy * (x - mean).
+template <class T>
+struct GradTerms {
+  const T* dy;
+  const T* x;
+  void vec(int64_t off, f64x16 mean, f64x16& a, f64x16& b) const {
+    const f64x16 g = load_f64(dy + off);
+    a += g;
+    b += g * (load_f64(x + off) - mean);
+  }
+  void one(int64_t off, double mean, double& a, double& b) const {
+    const double g = static_cast<double>(dy[off]);
+    a += g;
+    b += g * (static_cast<double>(x[off]) - mean);
+  }
+};
+
+// Per-thread scratch: accumulators and expanded per-lane coefficients for one task.
+struct Scratch {
+  double* acc_a;     // kChunkElems lanes (row family) or 16 per channel (segment family)
+  double* acc_b;
+  double* shift;     // kChunkElems
+  double* chunk_a;   // per channel of the chunk (fused path)
+  double* chunk_b;
+  void* coefs;       // kMaxCoefs * kChunkElems values of the compute type
+};
+constexpr int64_t kMaxCoefs = 5;
+constexpr int64_t kScratchDoubles = 5 * kChunkElems + kMaxCoefs * kChunkElems;
+
+inline Scratch scratch_for(double* base, int tid) {
+  double* p = base + static_cast<int64_t>(tid) * kScratchDoubles;
+  Scratch s;
+  s.acc_a = p;
+  s.acc_b = p + kChunkElems;
+  s.shift = p + 2 * kChunkElems;
+  s.chunk_a = p + 3 * kChunkElems;
+  s.chunk_b = p + 4 * kChunkElems;
+  s.coefs = p + 5 * kChunkElems;
+  return s;
+}
+
+// Reduces task (chunk, row_block): writes the chunk's per-channel sums to out_a/out_b.
+template <class Terms>
+void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_t chunk,
+                 int64_t row_block, const Scratch& s, double* out_a, double* out_b) {
+  const Geometry& g = p.g;
+  const int64_t c0 = chunk * p.chunk_channels;
+  const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
+  const int64_t o0 = row_block * p.rows_per_block;
+  const int64_t o1 = min64(g.outer, o0 + p.rows_per_block);
+  const int64_t row_stride = g.channels * g.inner;
+
+  if (p.row_family) {
+    // Lane j of the piece is element (c0 + j / inner, j % inner) of every row: one accumulator
+    // per lane, rows added in order, four rows per accumulator load.
+    const int64_t width = (c1 - c0) * g.inner;
+    const int64_t vec_width = width - width % kLanes;
+    double* acc_a = s.acc_a;
+    double* acc_b = s.acc_b;
+    const double* lane_shift = shifts + c0;
+    if (g.inner > 1) {
+      for (int64_t j = 0; j < width; ++j) s.shift[j] = shifts[c0 + j / g.inner];
+      lane_shift = s.shift;
+    }
+    for (int64_t j = 0; j < width; ++j) acc_a[j] = acc_b[j] = 0.0;
+    const int64_t base = c0 * g.inner;
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+      const int64_t r = o * row_stride + base;
+      for (int64_t j = 0; j < vec_width; j += kLanes) {
+        f64x16 a, b, sh;
+        std::memcpy(&a, acc_a + j, sizeof(a));
+        std::memcpy(&b, acc_b + j, sizeof(b));
+        std::memcpy(&sh, lane_shift + j, sizeof(sh));
+        terms.vec(r + j, sh, a, b);
+        terms.vec(r + row_stride + j, sh, a, b);
+        terms.vec(r + 2 * row_stride + j, sh, a, b);
+        terms.vec(r + 3 * row_stride + j, sh, a, b);
+        std::memcpy(acc_a + j, &a, sizeof(a));
+        std::memcpy(acc_b + j, &b, sizeof(b));
+      }
+      for (int64_t j = vec_width; j < width; ++j)
+        for (int64_t k = 0; k < 4; ++k)
+          terms.one(r + k * row_stride + j, lane_shift[j], acc_a[j], acc_b[j]);
+    }
+    for (; o < o1; ++o) {
+      const int64_t r = o * row_stride + base;
+      for (int64_t j = 0; j < vec_width; j += kLanes) {
+        f64x16 a, b, sh;
+        std::memcpy(&a, acc_a + j, sizeof(a));
+        std::memcpy(&b, acc_b + j, sizeof(b));
+        std::memcpy(&sh, lane_shift + j, sizeof(sh));
+        terms.vec(r + j, sh, a, b);
+        std::memcpy(acc_a + j, &a, sizeof(a));
+        std::memcpy(acc_b + j, &b, sizeof(b));
+      }
+      for (int64_t j = vec_width; j < width; ++j)
+        terms.one(r + j, lane_shift[j], acc_a[j], acc_b[j]);
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      double sum_a = 0.0, sum_b = 0.0;
+      const int64_t first = (c - c0) * g.inner;
+      for (int64_t i = 0; i < g.inner; ++i) {
+        sum_a += acc_a[first + i];
+        sum_b += acc_b[first + i];
+      }
+      out_a[c - c0] = sum_a;
+      out_b[c - c0] = sum_b;
+    }
+    return;
+  }
+
+  // Segment family: 16 lanes per channel, segments visited in memory order.
+  f64x16* acc_a = reinterpret_cast<f64x16*>(s.acc_a);
+  f64x16* acc_b = reinterpret_cast<f64x16*>(s.acc_b);
+  const f64x16 zero = {};
+  for (int64_t c = c0; c < c1; ++c) acc_a[c - c0] = acc_b[c - c0] = zero;
+  const int64_t vec_inner = g.inner - g.inner % kLanes;
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t seg = (o * g.channels + c) * g.inner;
+      const double shift = shifts[c];
+      const f64x16 sh = broadcast<f64x16>(shift);
+      f64x16 a = acc_a[c - c0], b = acc_b[c - c0];
+      for (int64_t i = 0; i < vec_inner; i += kLanes) terms.vec(seg + i, sh, a, b);
+      for (int64_t i = vec_inner; i < g.inner; ++i) {
+        double la = a[i - vec_inner], lb = b[i - vec_inner];
+        terms.one(seg + i, shift, la, lb);
+        a[i - vec_inner] = la;
+        b[i - vec_inner] = lb;
+      }
+      acc_a[c - c0] = a;
+      acc_b[c - c0] = b;
+    }
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    out_a[c - c0] = lane_sum(acc_a[c - c0]);
+    out_b[c - c0] = lane_sum(acc_b[c - c0]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apply maps: out = f(inputs, per-channel coefficients), computed in the compute type.
+
+// Forward: y = ((x - mean_hi) - mean_lo) * scale + shift.
+template <class T>
+struct NormalizeMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 4;  // mean_hi, mean_lo, scale, shift
+  const T* x;
+  T* y;
+  void vec(int64_t off, const Vec<T>* k) const {
+    store_compute(y + off, ((load_compute(x + off) - k[0]) - k[1]) * k[2] + k[3]);
+  }
+  void one(int64_t off, const C* k) const {
+    y[off] = static_cast<T>(((static_cast<C>(x[off]) - k[0]) - k[1]) * k[2] + k[3]);
+  }
+};
+
+// Backward, training: dx = a * dy + b * ((x - mean_hi) - mean_lo) + k.
+template <class T>
+struct GradTrainMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 5;  // a, mean_hi, mean_lo, b, k
+  const T* dy;
+  const T* x;
+  T* dx;
+  void vec(int64_t off, const Vec<T>* k) const {
+    store_compute(dx + off, k[0] * load_compute(dy + off) +
+                                k[3] * ((load_compute(x + off) - k[1]) - k[2]) + k[4]);
+  }
+  void one(int64_t off, const C* k) const {
+    dx[off] = static_cast<T>(k[0] * static_cast<C>(dy[off]) +
+                             k[3] * ((static_cast<C>(x[off]) - k[1]) - k[2]) + k[4]);
+  }
+};
+
+// Backward, inference: dx = a * dy (statistics are constants).
+template <class T>
+struct GradEvalMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 1;
+  const T* dy;
+  T* dx;
+  void vec(int64_t off, const Vec<T>* k) const { store_compute(dx + off, k[0] * load_compute(dy + off)); }
+  void one(int64_t off, const C* k) const { dx[off] = static_cast<T>(k[0] * static_cast<C>(dy[off])); }
+};
+
+// Applies `map` on task (chunk, row_block). coefs[k] points to C per-channel values.
+template <class T, class Map>
+void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t chunk,
+                int64_t row_block, const Scratch& s) {
+  using C = Compute<T>;
+  using V = Vec<T>;
+  constexpr int K = Map::kCoefs;
+  const Geometry& g = p.g;
+  const int64_t c0 = chunk * p.chunk_channels;
+  const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
+  const int64_t o0 = row_block * p.rows_per_block;
+  const int64_t o1 = min64(g.outer, o0 + p.rows_per_block);
+  const int64_t row_stride = g.channels * g.inner;
+
+  if (p.row_family) {
+    const int64_t width = (c1 - c0) * g.inner;
+    const int64_t vec_width = width - width % kLanes;
+    const C* lane_coef[K];
+    C* expanded = static_cast<C*>(s.coefs);
+    for (int k = 0; k < K; ++k) {
+      if (g.inner == 1) {
+        lane_coef[k] = coefs[k] + c0;
+      } else {
+        C* dst = expanded + k * kChunkElems;
+        for (int64_t j = 0; j < width; ++j) dst[j] = coefs[k][c0 + j / g.inner];
+        lane_coef[k] = dst;
+      }
+    }
+    const int64_t base = c0 * g.inner;
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t r = o * row_stride + base;
+      for (int64_t j = 0; j < vec_width; j += kLanes) {
+        V kv[K];
+        for (int k = 0; k < K; ++k) std::memcpy(&kv[k], lane_coef[k] + j, sizeof(V));
+        map.vec(r + j, kv);
+      }
+      for (int64_t j = vec_width; j < width; ++j) {
+        C ks[K];
+        for (int k = 0; k < K; ++k) ks[k] = lane_coef[k][j];
+        map.one(r + j, ks);
+      }
+    }
+    return;
+  }
+
+  const int64_t vec_inner = g.inner - g.inner % kLanes;
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t seg = (o * g.channels + c) * g.inner;
+      C ks[K];
+      V kv[K];
+      for (int k = 0; k < K; ++k) {
+        ks[k] = coefs[k][c];
+        kv[k] = broadcast<V>(ks[k]);
+      }
+      for (int64_t i = 0; i < vec_inner; i += kLanes) map.vec(seg + i, kv);
+      for (int64_t i = vec_inner; i < g.inner; ++i) map.one(seg + i, ks);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workspace: one malloc per call (no C++ allocation, no exceptions in parallel regions).
+
+struct Workspace {
+  void* block = nullptr;
+  ~Workspace() { std::free(block); }
+  // Carves `count` objects of type U from the block (8-byte aligned; U is double or float).
+  template <class U>
+  U* take(int64_t count) {
+    U* p = reinterpret_cast<U*>(static_cast<char*>(block) + used);
+    used += ((count * static_cast<int64_t>(sizeof(U)) + 63) / 64) * 64;
+    return p;
+  }
+  bool allocate(int64_t bytes) {
+    block = std::malloc(static_cast<size_t>(bytes + 64));
+    return block != nullptr;
+  }
+  int64_t used = 0;
+};
+
+inline int64_t aligned_bytes(int64_t count, int64_t size) { return ((count * size + 63) / 64) * 64; }
+
+// The reduce -> finalize -> apply driver shared by forward training and backward.
+// finalize(c, sum_a, sum_b) turns channel c's sums into its coefficients (coefs[k][c]).
+template <class T, class Terms, class Finalize, class Map>
+void reduce_finalize_apply(const Plan& p, const Terms& terms, const double* shifts,
+                           Finalize& finalize, const Map& map, Compute<T>* const* coefs,
+                           double* scratch_base, double* partial_a, double* partial_b,
+                           int threads) {
+  const Geometry& g = p.g;
+  auto body = [&](int tid, int nth) {
+    const Scratch s = scratch_for(scratch_base, tid);
+    if (p.fused) {
+      int64_t begin, end;
+      split_range(p.num_chunks, tid, nth, begin, end);
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        reduce_task(p, terms, shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
+        const int64_t c0 = chunk * p.chunk_channels;
+        const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
+        for (int64_t c = c0; c < c1; ++c) finalize(c, s.chunk_a[c - c0], s.chunk_b[c - c0]);
+        apply_task<T>(p, map, coefs, chunk, 0, s);
+      }
+      return;
+    }
+    for (int64_t first = 0; first < p.num_chunks; first += p.chunks_per_group) {
+      const int64_t chunks = min64(p.chunks_per_group, p.num_chunks - first);
+      const int64_t tasks = chunks * p.num_row_blocks;
+      int64_t begin, end;
+      split_range(tasks, tid, nth, begin, end);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t chunk = first + t / p.num_row_blocks;
+        const int64_t rb = t % p.num_row_blocks;
+        const int64_t c0 = chunk * p.chunk_channels;
+        reduce_task(p, terms, shifts, chunk, rb, s, partial_a + rb * g.channels + c0,
+                    partial_b + rb * g.channels + c0);
+      }
+      team_barrier();
+      const int64_t c_first = first * p.chunk_channels;
+      const int64_t c_last = min64(g.channels, (first + chunks) * p.chunk_channels);
+      int64_t cb, ce;
+      split_range(c_last - c_first, tid, nth, cb, ce);
+      for (int64_t c = c_first + cb; c < c_first + ce; ++c) {
+        double sum_a = partial_a[c], sum_b = partial_b[c];
+        for (int64_t rb = 1; rb < p.num_row_blocks; ++rb) {
+          sum_a += partial_a[rb * g.channels + c];
+          sum_b += partial_b[rb * g.channels + c];
+        }
+        finalize(c, sum_a, sum_b);
+      }
+      team_barrier();
+      // Reverse order: the tasks this thread reduced last are still in its cache.
+      for (int64_t t = end - 1; t >= begin; --t)
+        apply_task<T>(p, map, coefs, first + t / p.num_row_blocks, t % p.num_row_blocks, s);
+      team_barrier();
+    }
+  };
+  run_team(threads, body);
+}
+
+// Apply only (inference forward, no reduction).
+template <class T, class Map>
+void apply_all(const Plan& p, const Map& map, Compute<T>* const* coefs, double* scratch_base,
+               int threads) {
+  auto body = [&](int tid, int nth) {
+    const Scratch s = scratch_for(scratch_base, tid);
+    int64_t begin, end;
+    split_range(p.num_tasks(), tid, nth, begin, end);
+    for (int64_t t = begin; t < end; ++t)
+      apply_task<T>(p, map, coefs, t / p.num_row_blocks, t % p.num_row_blocks, s);
+  };
+  run_team(threads, body);
+}
+
+// Splits a double into a pair of the compute type whose sum is the double to ~2x its precision.
+template <class C>
+inline void split_mean(double mean, C& hi, C& lo) {
+  hi = static_cast<C>(mean);
+  lo = static_cast<C>(mean - static_cast<double>(hi));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+template <class T, class P>
+int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bias, double eps,
+                      double momentum, P* running_mean, P* running_var, P* save_mean,
+                      P* save_invstd, int num_threads) {
+  using C = Compute<T>;
+  const Plan p = make_plan(g, sizeof(T));
+  const int threads = threads_for(p, sizeof(T), num_threads);
+  const int64_t nc = g.channels;
+  const int64_t partials = p.fused ? 0 : 2 * nc * p.num_row_blocks;
+  Workspace ws;
+  if (!ws.allocate(aligned_bytes(3 * nc + partials, 8) + aligned_bytes(4 * nc, sizeof(C)) + 64 * 8 +
+                   aligned_bytes(threads * kScratchDoubles, 8)))
+    return -1;
+  double* pivot = ws.take<double>(nc);
+  double* mean = ws.take<double>(nc);
+  double* var = ws.take<double>(nc);
+  double* partial_a = ws.take<double>(partials / 2);
+  double* partial_b = ws.take<double>(partials / 2);
+  C* coefs[4];
+  for (int k = 0; k < 4; ++k) coefs[k] = ws.take<C>(nc);
+  double* scratch = ws.take<double>(threads * kScratchDoubles);
+
+  for (int64_t c = 0; c < nc; ++c) pivot[c] = static_cast<double>(x[c * g.inner]);
+  const double n = static_cast<double>(g.per_channel());
+  auto finalize = [&](int64_t c, double sum_d, double sum_dd) {
+    const double mean_offset = sum_d / n;
+    double v = sum_dd / n - mean_offset * mean_offset;
+    if (v < 0.0) v = 0.0;  // rounding only; NaN passes through
+    const double m = pivot[c] + mean_offset;
+    const double invstd = 1.0 / __builtin_sqrt(v + eps);
+    mean[c] = m;
+    var[c] = v;
+    save_mean[c] = static_cast<P>(m);
+    save_invstd[c] = static_cast<P>(invstd);
+    split_mean(m, coefs[0][c], coefs[1][c]);
+    coefs[2][c] = static_cast<C>(weight ? invstd * static_cast<double>(weight[c]) : invstd);
+    coefs[3][c] = static_cast<C>(bias ? static_cast<double>(bias[c]) : 0.0);
+  };
+  reduce_finalize_apply<T>(p, MomentTerms<T>{x}, pivot, finalize, NormalizeMap<T>{x, y}, coefs,
+                           scratch, partial_a, partial_b, threads);
+
+  int64_t skipped = 0;
+  const double unbias = n / (n - 1.0);
+  for (int64_t c = 0; c < nc; ++c) {
+    if (!is_finite(mean[c]) || !is_finite(var[c])) {
+      ++skipped;
+      continue;
+    }
+    if (running_mean)
+      running_mean[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_mean[c]) +
+                                       momentum * mean[c]);
+    if (running_var)
+      running_var[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_var[c]) +
+                                      momentum * var[c] * unbias);
+  }
+  return skipped;
+}
+
+template <class T, class P>
+int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bias,
+                     const P* running_mean, const P* running_var, double eps, P* save_mean,
+                     P* save_invstd, int num_threads) {
+  using C = Compute<T>;
+  const Plan p = make_plan(g, sizeof(T));
+  const int threads = threads_for(p, sizeof(T), num_threads);
+  const int64_t nc = g.channels;
+  Workspace ws;
+  if (!ws.allocate(aligned_bytes(4 * nc, sizeof(C)) + 4 * 64 +
+                   aligned_bytes(threads * kScratchDoubles, 8)))
+    return -1;
+  C* coefs[4];
+  for (int k = 0; k < 4; ++k) coefs[k] = ws.take<C>(nc);
+  double* scratch = ws.take<double>(threads * kScratchDoubles);
+  for (int64_t c = 0; c < nc; ++c) {
+    const double m = static_cast<double>(running_mean[c]);
+    const double invstd = 1.0 / __builtin_sqrt(static_cast<double>(running_var[c]) + eps);
+    save_mean[c] = running_mean[c];
+    save_invstd[c] = static_cast<P>(invstd);
+    split_mean(m, coefs[0][c], coefs[1][c]);
+    coefs[2][c] = static_cast<C>(weight ? invstd * static_cast<double>(weight[c]) : invstd);
+    coefs[3][c] = static_cast<C>(bias ? static_cast<double>(bias[c]) : 0.0);
+  }
+  apply_all<T>(p, NormalizeMap<T>{x, y}, coefs, scratch, threads);
+  return 0;
+}
+
+template <class T, class P>
+int64_t backward(const T* dy, const T* x, T* dx, Geometry g, const P* save_mean,
+                 const P* save_invstd, const P* weight, bool training, P* grad_weight,
+                 P* grad_bias, int num_threads) {
+  using C = Compute<T>;
+  const Plan p = make_plan(g, sizeof(T));
+  const int threads = threads_for(p, sizeof(T), num_threads);
+  const int64_t nc = g.channels;
+  const int64_t partials = p.fused ? 0 : 2 * nc * p.num_row_blocks;
+  Workspace ws;
+  if (!ws.allocate(aligned_bytes(nc + partials, 8) + aligned_bytes(5 * nc, sizeof(C)) + 64 * 8 +
+                   aligned_bytes(threads * kScratchDoubles, 8)))
+    return -1;
+  double* mean = ws.take<double>(nc);
+  double* partial_a = ws.take<double>(partials / 2);
+  double* partial_b = ws.take<double>(partials / 2);
+  C* coefs[5];
+  for (int k = 0; k < 5; ++k) coefs[k] = ws.take<C>(nc);
+  double* scratch = ws.take<double>(threads * kScratchDoubles);
+
+  for (int64_t c = 0; c < nc; ++c) mean[c] = static_cast<double>(save_mean[c]);
+  const double n = static_cast<double>(g.per_channel());
+  auto finalize = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
+    const double invstd = static_cast<double>(save_invstd[c]);
+    const double a = weight ? invstd * static_cast<double>(weight[c]) : invstd;
+    grad_bias[c] = static_cast<P>(sum_dy);
+    grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
+    coefs[0][c] = static_cast<C>(a);
+    split_mean(mean[c], coefs[1][c], coefs[2][c]);
+    coefs[3][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
+    coefs[4][c] = static_cast<C>(-a * sum_dy / n);
+  };
+  const GradTerms<T> terms{dy, x};
+  if (training) {
+    reduce_finalize_apply<T>(p, terms, mean, finalize, GradTrainMap<T>{dy, x, dx}, coefs, scratch,
+                             partial_a, partial_b, threads);
+  } else {
+    reduce_finalize_apply<T>(p, terms, mean, finalize, GradEvalMap<T>{dy, dx}, coefs, scratch,
+                             partial_a, partial_b, threads);
+  }
+  return 0;
+}
+
+}  // namespace
+
+#define BNC_STR2(s) #s
+#define BNC_STR(s) BNC_STR2(s)
+
+const KernelTable& table() {
+  static const KernelTable t = {
+      BNC_STR(BNC_ISA),
+      {forward_train<float, float>, forward_eval<float, float>, backward<float, float>},
+      {forward_train<double, double>, forward_eval<double, double>, backward<double, double>},
+      {forward_train<_Float16, float>, forward_eval<_Float16, float>, backward<_Float16, float>},
+  };
+  return t;
+}
+
+}  // namespace BNC_ISA
+}  // namespace bnc
