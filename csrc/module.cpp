@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/batch_norm.h"
+#include "kernels/copy.h"
 #include "kernels/dispatch.h"
 
 namespace py = pybind11;
@@ -301,6 +302,28 @@ PYBIND11_MODULE(_core, m) {
       py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("save_mean"), py::arg("save_invstd"),
       py::arg("weight"), py::arg("axis"), py::arg("training"), py::arg("grad_weight"),
       py::arg("grad_bias"), "Backward: writes dx into out, grad_weight and grad_bias.");
+
+  m.def(
+      "copy",
+      [](py::handle src, py::handle dst) {
+        const py::array s = as_array(src, "src");
+        const py::array d = as_array(dst, "dst");
+        if (!(s.flags() & py::array::c_style) || !(d.flags() & py::array::c_style))
+          throw py::value_error("src, dst: expected C-contiguous arrays");
+        if (!d.writeable()) throw py::value_error("dst: expected a writeable array");
+        if (s.nbytes() != d.nbytes())
+          throw py::value_error("dst: expected " + std::to_string(s.nbytes()) + " bytes, got " +
+                                std::to_string(d.nbytes()));
+        const char* sb = static_cast<const char*>(s.data());
+        char* db = static_cast<char*>(const_cast<void*>(d.data()));
+        if (sb < db + d.nbytes() && db < sb + s.nbytes())
+          throw py::value_error("dst: expected memory not shared with src");
+        const int threads = bnc::get_num_threads();
+        py::gil_scoped_release release;
+        bnc::parallel_copy(sb, db, s.nbytes(), threads);
+      },
+      py::arg("src"), py::arg("dst"),
+      "Multi-threaded copy (the benchmark's memory-bandwidth yardstick).");
 
   m.def("available_isas", &bnc::available_isas, "ISA paths this CPU can run, best last.");
   m.def(

@@ -109,6 +109,19 @@ inline double lane_sum(f64x16 v) {
   return t[0];
 }
 
+// Software prefetch of a row piece before it is needed: pieces of one chunk are a row apart
+// (often several pages), and hardware prefetchers do not follow such jumps. Long pieces are left
+// to the hardware prefetcher.
+constexpr int64_t kPrefetchMaxBytes = 16 * 1024;
+
+template <class T>
+inline void prefetch_piece(const T* p, int64_t count) {
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+  if (bytes > kPrefetchMaxBytes) return;
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -122,9 +135,9 @@ inline bool is_finite(double v) { return __builtin_isfinite(v); }
 // vectorize along it with 16 lanes per channel ("segment family").
 constexpr int64_t kSegmentMinInner = 64;
 // Most accumulator lanes one task keeps (row family), so they stay in L1.
-constexpr int64_t kChunkElems = 1024;
+constexpr int64_t kChunkElems = 2048;
 // Contiguous bytes a task reads per row at least, so hardware prefetch works.
-constexpr int64_t kMinRunBytes = 1024;
+constexpr int64_t kMinRunBytes = 4096;
 // A chunk whose whole data is at most this is reduced and applied by one task while in L2.
 constexpr int64_t kFuseBytes = 256 * 1024;
 // Data per task when a chunk is too big to fuse and is cut into row blocks.
@@ -214,6 +227,7 @@ inline void split_range(int64_t count, int tid, int nth, int64_t& begin, int64_t
 template <class T>
 struct MomentTerms {
   const T* x;
+  void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
   void vec(int64_t off, f64x16 shift, f64x16& a, f64x16& b) const {
     const f64x16 d = load_f64(x + off) - shift;
     a += d;
@@ -231,6 +245,10 @@ template <class T>
 struct GradTerms {
   const T* dy;
   const T* x;
+  void prefetch(int64_t off, int64_t count) const {
+    prefetch_piece(dy + off, count);
+    prefetch_piece(x + off, count);
+  }
   void vec(int64_t off, f64x16 mean, f64x16& a, f64x16& b) const {
     const f64x16 g = load_f64(dy + off);
     a += g;
@@ -295,6 +313,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     int64_t o = o0;
     for (; o + 4 <= o1; o += 4) {
       const int64_t r = o * row_stride + base;
+      for (int64_t k = 4; k < 8 && o + k < o1; ++k) terms.prefetch(r + k * row_stride, width);
       for (int64_t j = 0; j < vec_width; j += kLanes) {
         f64x16 a, b, sh;
         std::memcpy(&a, acc_a + j, sizeof(a));
@@ -345,6 +364,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
   for (int64_t c = c0; c < c1; ++c) acc_a[c - c0] = acc_b[c - c0] = zero;
   const int64_t vec_inner = g.inner - g.inner % kLanes;
   for (int64_t o = o0; o < o1; ++o) {
+    if (o + 1 < o1) terms.prefetch(((o + 1) * g.channels + c0) * g.inner, (c1 - c0) * g.inner);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seg = (o * g.channels + c) * g.inner;
       const double shift = shifts[c];
@@ -377,6 +397,7 @@ struct NormalizeMap {
   static constexpr int kCoefs = 4;  // mean_hi, mean_lo, scale, shift
   const T* x;
   T* y;
+  void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
   void vec(int64_t off, const Vec<T>* k) const {
     store_compute(y + off, ((load_compute(x + off) - k[0]) - k[1]) * k[2] + k[3]);
   }
@@ -393,6 +414,10 @@ struct GradTrainMap {
   const T* dy;
   const T* x;
   T* dx;
+  void prefetch(int64_t off, int64_t count) const {
+    prefetch_piece(dy + off, count);
+    prefetch_piece(x + off, count);
+  }
   void vec(int64_t off, const Vec<T>* k) const {
     store_compute(dx + off, k[0] * load_compute(dy + off) +
                                 k[3] * ((load_compute(x + off) - k[1]) - k[2]) + k[4]);
@@ -410,6 +435,7 @@ struct GradEvalMap {
   static constexpr int kCoefs = 1;
   const T* dy;
   T* dx;
+  void prefetch(int64_t off, int64_t count) const { prefetch_piece(dy + off, count); }
   void vec(int64_t off, const Vec<T>* k) const { store_compute(dx + off, k[0] * load_compute(dy + off)); }
   void one(int64_t off, const C* k) const { dx[off] = static_cast<T>(k[0] * static_cast<C>(dy[off])); }
 };
@@ -445,6 +471,7 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
     const int64_t base = c0 * g.inner;
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t r = o * row_stride + base;
+      if (o + 1 < o1) map.prefetch(r + row_stride, width);
       for (int64_t j = 0; j < vec_width; j += kLanes) {
         V kv[K];
         for (int k = 0; k < K; ++k) std::memcpy(&kv[k], lane_coef[k] + j, sizeof(V));
@@ -461,6 +488,7 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
 
   const int64_t vec_inner = g.inner - g.inner % kLanes;
   for (int64_t o = o0; o < o1; ++o) {
+    if (o + 1 < o1) map.prefetch(((o + 1) * g.channels + c0) * g.inner, (c1 - c0) * g.inner);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seg = (o * g.channels + c) * g.inner;
       C ks[K];
@@ -554,16 +582,52 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, const double* shif
   run_team(threads, body);
 }
 
-// Apply only (inference forward, no reduction).
+// Apply only (inference forward): no reduction to stay close to, so the tensor is split into one
+// contiguous range per thread and walked in memory order. lane_coefs[k] holds coefficient k per
+// element of a row (channels * inner values) when inner < 16; else per channel.
 template <class T, class Map>
-void apply_all(const Plan& p, const Map& map, Compute<T>* const* coefs, double* scratch_base,
-               int threads) {
+void apply_flat(const Geometry& g, const Map& map, Compute<T>* const* coefs,
+                Compute<T>* const* lane_coefs, int threads) {
+  using C = Compute<T>;
+  using V = Vec<T>;
+  constexpr int K = Map::kCoefs;
+  const int64_t total = g.size();
   auto body = [&](int tid, int nth) {
-    const Scratch s = scratch_for(scratch_base, tid);
-    int64_t begin, end;
-    split_range(p.num_tasks(), tid, nth, begin, end);
-    for (int64_t t = begin; t < end; ++t)
-      apply_task<T>(p, map, coefs, t / p.num_row_blocks, t % p.num_row_blocks, s);
+    // Thread boundaries on 64-element multiples: no two threads write one cache line.
+    int64_t e = (total / 64 * tid / nth) * 64;
+    const int64_t end = tid + 1 == nth ? total : (total / 64 * (tid + 1) / nth) * 64;
+    if (g.inner >= kLanes) {
+      while (e < end) {
+        const int64_t segment = e / g.inner;
+        const int64_t c = segment % g.channels;
+        const int64_t segment_end = min64(end, (segment + 1) * g.inner);
+        C ks[K];
+        V kv[K];
+        for (int k = 0; k < K; ++k) {
+          ks[k] = coefs[k][c];
+          kv[k] = broadcast<V>(ks[k]);
+        }
+        for (; e + kLanes <= segment_end; e += kLanes) map.vec(e, kv);
+        for (; e < segment_end; ++e) map.one(e, ks);
+      }
+      return;
+    }
+    const int64_t width = g.channels * g.inner;
+    while (e < end) {
+      const int64_t row = e / width;
+      const int64_t row_end = min64(end, (row + 1) * width);
+      int64_t j = e - row * width;
+      for (; e + kLanes <= row_end; e += kLanes, j += kLanes) {
+        V kv[K];
+        for (int k = 0; k < K; ++k) std::memcpy(&kv[k], lane_coefs[k] + j, sizeof(V));
+        map.vec(e, kv);
+      }
+      for (; e < row_end; ++e, ++j) {
+        C ks[K];
+        for (int k = 0; k < K; ++k) ks[k] = lane_coefs[k][j];
+        map.one(e, ks);
+      }
+    }
   };
   run_team(threads, body);
 }
@@ -641,16 +705,18 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
                      const P* running_mean, const P* running_var, double eps, P* save_mean,
                      P* save_invstd, int num_threads) {
   using C = Compute<T>;
-  const Plan p = make_plan(g, sizeof(T));
-  const int threads = threads_for(p, sizeof(T), num_threads);
   const int64_t nc = g.channels;
+  const bool expand = g.inner > 1 && g.inner < kLanes;
+  const int64_t width = expand ? nc * g.inner : 0;
+  int threads = g.size() * static_cast<int64_t>(sizeof(T)) < kSerialBytes ? 1 : num_threads;
+  if (threads < 1) threads = 1;
   Workspace ws;
-  if (!ws.allocate(aligned_bytes(4 * nc, sizeof(C)) + 4 * 64 +
-                   aligned_bytes(threads * kScratchDoubles, 8)))
+  if (!ws.allocate(aligned_bytes(4 * nc, sizeof(C)) + aligned_bytes(4 * width, sizeof(C)) + 8 * 64))
     return -1;
   C* coefs[4];
+  C* lane_coefs[4];
   for (int k = 0; k < 4; ++k) coefs[k] = ws.take<C>(nc);
-  double* scratch = ws.take<double>(threads * kScratchDoubles);
+  for (int k = 0; k < 4; ++k) lane_coefs[k] = expand ? ws.take<C>(width) : coefs[k];
   for (int64_t c = 0; c < nc; ++c) {
     const double m = static_cast<double>(running_mean[c]);
     const double invstd = 1.0 / __builtin_sqrt(static_cast<double>(running_var[c]) + eps);
@@ -660,7 +726,9 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
     coefs[2][c] = static_cast<C>(weight ? invstd * static_cast<double>(weight[c]) : invstd);
     coefs[3][c] = static_cast<C>(bias ? static_cast<double>(bias[c]) : 0.0);
   }
-  apply_all<T>(p, NormalizeMap<T>{x, y}, coefs, scratch, threads);
+  for (int64_t j = 0; j < width; ++j)
+    for (int k = 0; k < 4; ++k) lane_coefs[k][j] = coefs[k][j / g.inner];
+  apply_flat<T>(g, NormalizeMap<T>{x, y}, coefs, lane_coefs, threads);
   return 0;
 }
 
