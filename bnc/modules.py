@@ -198,10 +198,13 @@ class _BatchNorm:
         for name in names:
             value = np.asarray(state_dict[name])
             if name == "num_batches_tracked":
-                if value.shape not in ((), (1,)) or value.dtype.kind not in "iu":
+                if value.dtype.kind not in "iu":
+                    raise TypeError(
+                        f"num_batches_tracked: expected an integer dtype, got {value.dtype}"
+                    )
+                if value.shape not in ((), (1,)):
                     raise ValueError(
-                        f"num_batches_tracked: expected a 0-d integer array, got shape "
-                        f"{value.shape} dtype {value.dtype}"
+                        f"num_batches_tracked: expected a 0-d integer array, got shape {value.shape}"
                     )
                 values[name] = int(value.reshape(()))
                 continue

@@ -45,6 +45,8 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+bool is_native(const py::array& a) { return a.dtype().attr("isnative").cast<bool>(); }
+
 py::array as_array(const py::handle& obj, const char* name) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + ": expected a numpy.ndarray, got " +
@@ -64,8 +66,9 @@ template <class U>
 Buffer check(const py::handle& obj, const char* name, bool writeable, int64_t count,
              const py::array* same_shape_as = nullptr) {
   py::array a = as_array(obj, name);
-  if (a.dtype().char_() != DtypeOf<U>::code)
-    throw py::type_error(std::string(name) + ": expected dtype " + DtypeOf<U>::name + ", got " +
+  if (a.dtype().char_() != DtypeOf<U>::code || !is_native(a))
+    throw py::type_error(std::string(name) + ": expected dtype " + DtypeOf<U>::name +
+                         (is_native(a) ? "" : " (native byte order)") + ", got " +
                          std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + ": expected a C-contiguous array, got a strided one");
@@ -236,6 +239,10 @@ void backward_typed(const bnc::KernelSet<T, P>& k, const py::array& dy, py::hand
 template <class F>
 auto by_dtype(const py::array& x, const char* name, F&& f) {
   const bnc::KernelTable& t = bnc::active_kernels();
+  if (!is_native(x))
+    throw py::type_error(std::string(name) +
+                         ": expected dtype float16, float32 or float64 (native byte order), got " +
+                         std::string(py::str(x.dtype())));
   switch (x.dtype().char_()) {
     case 'f':
       return f(t.f32);

@@ -39,59 +39,101 @@ namespace BNC_ISA {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Vectors of 16 lanes. GCC/Clang lower them to whatever the translation unit's ISA offers
-// (4 SSE, 2 AVX or 1 AVX-512 register per 16 floats); the lane arithmetic is the same everywhere.
+// Native-width vectors of this translation unit's ISA (16, 32 or 64 bytes). Reductions keep 16
+// fixed lanes per channel (kLanes), made of kLanes / kDoublesPerVec vectors, so the order of every
+// sum is the same on every ISA; elementwise maps use the native width directly.
 
-typedef double f64x16 __attribute__((vector_size(16 * sizeof(double))));
-typedef float f32x16 __attribute__((vector_size(16 * sizeof(float))));
-typedef _Float16 f16x16 __attribute__((vector_size(16 * sizeof(_Float16))));
+#if defined(__AVX512F__)
+#define BNC_VEC_BYTES 64
+#elif defined(__AVX__)
+#define BNC_VEC_BYTES 32
+#else
+#define BNC_VEC_BYTES 16
+#endif
+
+typedef double vd __attribute__((vector_size(BNC_VEC_BYTES)));
+typedef float vf __attribute__((vector_size(BNC_VEC_BYTES)));
+typedef float vf_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 2)));
+typedef _Float16 vh_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 4)));
+typedef _Float16 vh_for_vf __attribute__((vector_size(BNC_VEC_BYTES / 2)));
 
 constexpr int64_t kLanes = 16;
+constexpr int64_t kDoublesPerVec = BNC_VEC_BYTES / 8;
+constexpr int64_t kVecsPerLanes = kLanes / kDoublesPerVec;
 
 template <class T>
 struct Types;
 template <>
 struct Types<float> {
-  using Compute = float;  // precision of the elementwise apply
-  using Raw = f32x16;
-  using Vec = f32x16;
+  using Compute = float;      // precision of the elementwise maps
+  using Vec = vf;             // a vector of the compute type
+  using RawForVd = vf_for_vd;  // kDoublesPerVec elements of T
+  using RawForVec = vf;        // the elements of T of one Vec
 };
 template <>
 struct Types<double> {
   using Compute = double;
-  using Raw = f64x16;
-  using Vec = f64x16;
+  using Vec = vd;
+  using RawForVd = vd;
+  using RawForVec = vd;
 };
 template <>
 struct Types<_Float16> {
   using Compute = float;
-  using Raw = f16x16;
-  using Vec = f32x16;
+  using Vec = vf;
+  using RawForVd = vh_for_vd;
+  using RawForVec = vh_for_vf;
 };
 
 template <class T>
 using Compute = typename Types<T>::Compute;
 template <class T>
 using Vec = typename Types<T>::Vec;
-
 template <class T>
-inline f64x16 load_f64(const T* p) {
-  typename Types<T>::Raw raw;
-  std::memcpy(&raw, p, sizeof(raw));
-  return __builtin_convertvector(raw, f64x16);
+constexpr int64_t kVecElems = sizeof(Vec<T>) / sizeof(Compute<T>);
+
+// Unaligned views of the vector types. Loads and stores go through these typed pointers (not
+// memcpy), so the compiler knows float data cannot alias double accumulators and keeps them in
+// registers.
+template <class V>
+struct Unaligned;
+#define BNC_UNALIGNED(V, E)                         \
+  template <>                                       \
+  struct Unaligned<V> {                             \
+    typedef V type __attribute__((aligned(alignof(E)))); \
+  };
+BNC_UNALIGNED(vd, double)
+BNC_UNALIGNED(vf, float)
+BNC_UNALIGNED(vf_for_vd, float)
+BNC_UNALIGNED(vh_for_vd, _Float16)
+BNC_UNALIGNED(vh_for_vf, _Float16)
+#undef BNC_UNALIGNED
+
+template <class V, class E>
+inline V load(const E* p) {
+  return *reinterpret_cast<const typename Unaligned<V>::type*>(p);
 }
 
+template <class V, class E>
+inline void store(E* p, V v) {
+  *reinterpret_cast<typename Unaligned<V>::type*>(p) = v;
+}
+
+// kDoublesPerVec elements of T, widened to double.
+template <class T>
+inline vd load_vd(const T* p) {
+  return __builtin_convertvector(load<typename Types<T>::RawForVd>(p), vd);
+}
+
+// kVecElems<T> elements of T, in the compute type.
 template <class T>
 inline Vec<T> load_compute(const T* p) {
-  typename Types<T>::Raw raw;
-  std::memcpy(&raw, p, sizeof(raw));
-  return __builtin_convertvector(raw, Vec<T>);
+  return __builtin_convertvector(load<typename Types<T>::RawForVec>(p), Vec<T>);
 }
 
 template <class T>
 inline void store_compute(T* p, Vec<T> v) {
-  typename Types<T>::Raw raw = __builtin_convertvector(v, typename Types<T>::Raw);
-  std::memcpy(p, &raw, sizeof(raw));
+  store(p, __builtin_convertvector(v, typename Types<T>::RawForVec));
 }
 
 template <class V, class S>
@@ -100,10 +142,10 @@ inline V broadcast(S s) {
   return v + s;
 }
 
-// Sum of the 16 lanes in a fixed pairwise order.
-inline double lane_sum(f64x16 v) {
+// Sum of 16 lanes in a fixed pairwise order.
+inline double lane_sum(const double* lanes) {
   double t[kLanes];
-  std::memcpy(t, &v, sizeof(t));
+  for (int64_t k = 0; k < kLanes; ++k) t[k] = lanes[k];
   for (int64_t width = kLanes / 2; width >= 1; width /= 2)
     for (int64_t k = 0; k < width; ++k) t[k] += t[k + width];
   return t[0];
@@ -228,8 +270,8 @@ template <class T>
 struct MomentTerms {
   const T* x;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
-  void vec(int64_t off, f64x16 shift, f64x16& a, f64x16& b) const {
-    const f64x16 d = load_f64(x + off) - shift;
+  void vec(int64_t off, vd shift, vd& a, vd& b) const {
+    const vd d = load_vd(x + off) - shift;
     a += d;
     b += d * d;
   }
@@ -249,10 +291,10 @@ struct GradTerms {
     prefetch_piece(dy + off, count);
     prefetch_piece(x + off, count);
   }
-  void vec(int64_t off, f64x16 mean, f64x16& a, f64x16& b) const {
-    const f64x16 g = load_f64(dy + off);
+  void vec(int64_t off, vd mean, vd& a, vd& b) const {
+    const vd g = load_vd(dy + off);
     a += g;
-    b += g * (load_f64(x + off) - mean);
+    b += g * (load_vd(x + off) - mean);
   }
   void one(int64_t off, double mean, double& a, double& b) const {
     const double g = static_cast<double>(dy[off]);
@@ -300,7 +342,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     // Lane j of the piece is element (c0 + j / inner, j % inner) of every row: one accumulator
     // per lane, rows added in order, four rows per accumulator load.
     const int64_t width = (c1 - c0) * g.inner;
-    const int64_t vec_width = width - width % kLanes;
+    const int64_t vec_width = width - width % kDoublesPerVec;
     double* acc_a = s.acc_a;
     double* acc_b = s.acc_b;
     const double* lane_shift = shifts + c0;
@@ -314,17 +356,15 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     for (; o + 4 <= o1; o += 4) {
       const int64_t r = o * row_stride + base;
       for (int64_t k = 4; k < 8 && o + k < o1; ++k) terms.prefetch(r + k * row_stride, width);
-      for (int64_t j = 0; j < vec_width; j += kLanes) {
-        f64x16 a, b, sh;
-        std::memcpy(&a, acc_a + j, sizeof(a));
-        std::memcpy(&b, acc_b + j, sizeof(b));
-        std::memcpy(&sh, lane_shift + j, sizeof(sh));
+      for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
+        vd a = load<vd>(acc_a + j), b = load<vd>(acc_b + j);
+        const vd sh = load<vd>(lane_shift + j);
         terms.vec(r + j, sh, a, b);
         terms.vec(r + row_stride + j, sh, a, b);
         terms.vec(r + 2 * row_stride + j, sh, a, b);
         terms.vec(r + 3 * row_stride + j, sh, a, b);
-        std::memcpy(acc_a + j, &a, sizeof(a));
-        std::memcpy(acc_b + j, &b, sizeof(b));
+        store(acc_a + j, a);
+        store(acc_b + j, b);
       }
       for (int64_t j = vec_width; j < width; ++j)
         for (int64_t k = 0; k < 4; ++k)
@@ -332,14 +372,11 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     }
     for (; o < o1; ++o) {
       const int64_t r = o * row_stride + base;
-      for (int64_t j = 0; j < vec_width; j += kLanes) {
-        f64x16 a, b, sh;
-        std::memcpy(&a, acc_a + j, sizeof(a));
-        std::memcpy(&b, acc_b + j, sizeof(b));
-        std::memcpy(&sh, lane_shift + j, sizeof(sh));
-        terms.vec(r + j, sh, a, b);
-        std::memcpy(acc_a + j, &a, sizeof(a));
-        std::memcpy(acc_b + j, &b, sizeof(b));
+      for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
+        vd a = load<vd>(acc_a + j), b = load<vd>(acc_b + j);
+        terms.vec(r + j, load<vd>(lane_shift + j), a, b);
+        store(acc_a + j, a);
+        store(acc_b + j, b);
       }
       for (int64_t j = vec_width; j < width; ++j)
         terms.one(r + j, lane_shift[j], acc_a[j], acc_b[j]);
@@ -357,33 +394,37 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     return;
   }
 
-  // Segment family: 16 lanes per channel, segments visited in memory order.
-  f64x16* acc_a = reinterpret_cast<f64x16*>(s.acc_a);
-  f64x16* acc_b = reinterpret_cast<f64x16*>(s.acc_b);
-  const f64x16 zero = {};
-  for (int64_t c = c0; c < c1; ++c) acc_a[c - c0] = acc_b[c - c0] = zero;
+  // Segment family: 16 lanes per channel (element i of a segment goes to lane i % 16), segments
+  // visited in memory order; each channel's lanes live in acc_a/acc_b between its segments.
+  for (int64_t j = 0; j < (c1 - c0) * kLanes; ++j) s.acc_a[j] = s.acc_b[j] = 0.0;
   const int64_t vec_inner = g.inner - g.inner % kLanes;
   for (int64_t o = o0; o < o1; ++o) {
     if (o + 1 < o1) terms.prefetch(((o + 1) * g.channels + c0) * g.inner, (c1 - c0) * g.inner);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seg = (o * g.channels + c) * g.inner;
       const double shift = shifts[c];
-      const f64x16 sh = broadcast<f64x16>(shift);
-      f64x16 a = acc_a[c - c0], b = acc_b[c - c0];
-      for (int64_t i = 0; i < vec_inner; i += kLanes) terms.vec(seg + i, sh, a, b);
-      for (int64_t i = vec_inner; i < g.inner; ++i) {
-        double la = a[i - vec_inner], lb = b[i - vec_inner];
-        terms.one(seg + i, shift, la, lb);
-        a[i - vec_inner] = la;
-        b[i - vec_inner] = lb;
+      const vd sh = broadcast<vd>(shift);
+      double* lanes_a = s.acc_a + (c - c0) * kLanes;
+      double* lanes_b = s.acc_b + (c - c0) * kLanes;
+      vd a[kVecsPerLanes], b[kVecsPerLanes];
+      for (int64_t k = 0; k < kVecsPerLanes; ++k) {
+        a[k] = load<vd>(lanes_a + k * kDoublesPerVec);
+        b[k] = load<vd>(lanes_b + k * kDoublesPerVec);
       }
-      acc_a[c - c0] = a;
-      acc_b[c - c0] = b;
+      for (int64_t i = 0; i < vec_inner; i += kLanes)
+        for (int64_t k = 0; k < kVecsPerLanes; ++k)
+          terms.vec(seg + i + k * kDoublesPerVec, sh, a[k], b[k]);
+      for (int64_t k = 0; k < kVecsPerLanes; ++k) {
+        store(lanes_a + k * kDoublesPerVec, a[k]);
+        store(lanes_b + k * kDoublesPerVec, b[k]);
+      }
+      for (int64_t i = vec_inner; i < g.inner; ++i)
+        terms.one(seg + i, shift, lanes_a[i - vec_inner], lanes_b[i - vec_inner]);
     }
   }
   for (int64_t c = c0; c < c1; ++c) {
-    out_a[c - c0] = lane_sum(acc_a[c - c0]);
-    out_b[c - c0] = lane_sum(acc_b[c - c0]);
+    out_a[c - c0] = lane_sum(s.acc_a + (c - c0) * kLanes);
+    out_b[c - c0] = lane_sum(s.acc_b + (c - c0) * kLanes);
   }
 }
 
@@ -456,7 +497,7 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
 
   if (p.row_family) {
     const int64_t width = (c1 - c0) * g.inner;
-    const int64_t vec_width = width - width % kLanes;
+    const int64_t vec_width = width - width % kVecElems<T>;
     const C* lane_coef[K];
     C* expanded = static_cast<C*>(s.coefs);
     for (int k = 0; k < K; ++k) {
@@ -472,9 +513,9 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t r = o * row_stride + base;
       if (o + 1 < o1) map.prefetch(r + row_stride, width);
-      for (int64_t j = 0; j < vec_width; j += kLanes) {
+      for (int64_t j = 0; j < vec_width; j += kVecElems<T>) {
         V kv[K];
-        for (int k = 0; k < K; ++k) std::memcpy(&kv[k], lane_coef[k] + j, sizeof(V));
+        for (int k = 0; k < K; ++k) kv[k] = load<V>(lane_coef[k] + j);
         map.vec(r + j, kv);
       }
       for (int64_t j = vec_width; j < width; ++j) {
@@ -486,7 +527,7 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
     return;
   }
 
-  const int64_t vec_inner = g.inner - g.inner % kLanes;
+  const int64_t vec_inner = g.inner - g.inner % kVecElems<T>;
   for (int64_t o = o0; o < o1; ++o) {
     if (o + 1 < o1) map.prefetch(((o + 1) * g.channels + c0) * g.inner, (c1 - c0) * g.inner);
     for (int64_t c = c0; c < c1; ++c) {
@@ -497,7 +538,7 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
         ks[k] = coefs[k][c];
         kv[k] = broadcast<V>(ks[k]);
       }
-      for (int64_t i = 0; i < vec_inner; i += kLanes) map.vec(seg + i, kv);
+      for (int64_t i = 0; i < vec_inner; i += kVecElems<T>) map.vec(seg + i, kv);
       for (int64_t i = vec_inner; i < g.inner; ++i) map.one(seg + i, ks);
     }
   }
@@ -508,19 +549,25 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
 
 struct Workspace {
   void* block = nullptr;
+  char* base = nullptr;  // block rounded up to a cache line
+  int64_t used = 0;
   ~Workspace() { std::free(block); }
-  // Carves `count` objects of type U from the block (8-byte aligned; U is double or float).
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  bool allocate(int64_t bytes) {
+    block = std::malloc(static_cast<size_t>(bytes + 64));
+    if (!block) return false;
+    base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(block) + 63) & ~uintptr_t{63});
+    return true;
+  }
+  // Carves `count` objects of type U (double or float), each run starting on a cache line.
   template <class U>
   U* take(int64_t count) {
-    U* p = reinterpret_cast<U*>(static_cast<char*>(block) + used);
+    U* p = reinterpret_cast<U*>(base + used);
     used += ((count * static_cast<int64_t>(sizeof(U)) + 63) / 64) * 64;
     return p;
   }
-  bool allocate(int64_t bytes) {
-    block = std::malloc(static_cast<size_t>(bytes + 64));
-    return block != nullptr;
-  }
-  int64_t used = 0;
 };
 
 inline int64_t aligned_bytes(int64_t count, int64_t size) { return ((count * size + 63) / 64) * 64; }
@@ -607,7 +654,7 @@ void apply_flat(const Geometry& g, const Map& map, Compute<T>* const* coefs,
           ks[k] = coefs[k][c];
           kv[k] = broadcast<V>(ks[k]);
         }
-        for (; e + kLanes <= segment_end; e += kLanes) map.vec(e, kv);
+        for (; e + kVecElems<T> <= segment_end; e += kVecElems<T>) map.vec(e, kv);
         for (; e < segment_end; ++e) map.one(e, ks);
       }
       return;
@@ -617,9 +664,9 @@ void apply_flat(const Geometry& g, const Map& map, Compute<T>* const* coefs,
       const int64_t row = e / width;
       const int64_t row_end = min64(end, (row + 1) * width);
       int64_t j = e - row * width;
-      for (; e + kLanes <= row_end; e += kLanes, j += kLanes) {
+      for (; e + kVecElems<T> <= row_end; e += kVecElems<T>, j += kVecElems<T>) {
         V kv[K];
-        for (int k = 0; k < K; ++k) std::memcpy(&kv[k], lane_coefs[k] + j, sizeof(V));
+        for (int k = 0; k < K; ++k) kv[k] = load<V>(lane_coefs[k] + j);
         map.vec(e, kv);
       }
       for (; e < row_end; ++e, ++j) {
