@@ -43,7 +43,14 @@ def check_input(x: object, name: str = "x") -> np.ndarray:
         )
     if x.ndim < 2:
         raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    return np.ascontiguousarray(x)
+    return _contiguous_aligned(x)
+
+
+def _contiguous_aligned(x: np.ndarray) -> np.ndarray:
+    """x itself if C-contiguous and aligned, else one copy that is."""
+    if x.flags.c_contiguous and x.flags.aligned:
+        return x
+    return np.require(x, requirements=("C", "A"))
 
 
 def normalize_axis(axis: object, ndim: int) -> int:
@@ -75,10 +82,12 @@ def _check_per_channel(
     if writeable:
         if not array.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous array (it is updated in place)")
+        if not array.flags.aligned:
+            raise ValueError(f"{name}: expected an aligned array (it is updated in place)")
         if not array.flags.writeable:
             raise ValueError(f"{name}: expected a writeable array (it is updated in place)")
         return array
-    return np.ascontiguousarray(array)
+    return _contiguous_aligned(array)
 
 
 def _check_out(out: object, like: np.ndarray, inputs: dict) -> np.ndarray:
@@ -93,6 +102,8 @@ def _check_out(out: object, like: np.ndarray, inputs: dict) -> np.ndarray:
         raise ValueError(f"out: expected shape {like.shape}, got {out.shape}")
     if not out.flags.c_contiguous:
         raise ValueError("out: expected a C-contiguous array, got a strided one")
+    if not out.flags.aligned:
+        raise ValueError("out: expected an array aligned to its element size, got a misaligned one")
     if not out.flags.writeable:
         raise ValueError("out: expected a writeable array, got a read-only one")
     for name, array in inputs.items():

@@ -72,6 +72,9 @@ Buffer check(const py::handle& obj, const char* name, bool writeable, int64_t co
                          std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + ": expected a C-contiguous array, got a strided one");
+  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(U) != 0)
+    throw py::value_error(std::string(name) + ": expected an array aligned to its element size, " +
+                          "got a misaligned one");
   if (writeable && !a.writeable())
     throw py::value_error(std::string(name) + ": expected a writeable array, got a read-only one");
   if (same_shape_as) {
@@ -331,6 +334,11 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("src"), py::arg("dst"),
       "Multi-threaded copy (the benchmark's memory-bandwidth yardstick).");
+
+  m.def("stream_threshold_bytes", &bnc::stream_threshold_bytes,
+        "Outputs of at least this many bytes are written with non-temporal stores.");
+  m.def("_set_stream_threshold_bytes", &bnc::set_stream_threshold_bytes, py::arg("bytes"),
+        "Testing hook: sets the threshold (a negative value restores the default).");
 
   m.def("available_isas", &bnc::available_isas, "ISA paths this CPU can run, best last.");
   m.def(

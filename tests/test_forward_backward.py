@@ -195,12 +195,24 @@ def test_misaligned_buffers():
             assert not m.flags.aligned and m.flags.c_contiguous and m.flags.writeable
             return m
 
-        xm, dym, rmm, rvm = misaligned(x), misaligned(dy), misaligned(rm), misaligned(rv)
-        y, sm, si = bnc.batch_norm_forward(xm, w, b, rmm, rvm)
+        # Misaligned inputs are copied once; misaligned arrays written in place are refused
+        # (a copy would lose the update), and nothing is modified.
+        xm, dym, rmm = misaligned(x), misaligned(dy), misaligned(rm)
+        rm_before = rmm.copy()
+        with pytest.raises(ValueError, match="running_mean: expected an aligned array"):
+            bnc.batch_norm_forward(x, w, b, rmm, rv.copy())
+        np.testing.assert_array_equal(rmm, rm_before)
+        with pytest.raises(ValueError, match="out: expected an array aligned"):
+            bnc.batch_norm_forward(x, w, b, out=misaligned(np.empty_like(x)))
+        with pytest.raises(ValueError, match="expected an array aligned"):
+            bnc._core.forward_eval(x, np.empty_like(x), None, None, rmm, rv, 1, 1e-5,
+                                   np.empty_like(rm), np.empty_like(rm))
+        rm_aligned, rv_aligned = rm.copy(), rv.copy()
+        y, sm, si = bnc.batch_norm_forward(xm, w, b, rm_aligned, rv_aligned)
         y2, sm2, si2 = bnc.batch_norm_forward(x, w, b, rm, rv)
         np.testing.assert_array_equal(y, y2)
-        np.testing.assert_array_equal(rmm, rm)
-        np.testing.assert_array_equal(rvm, rv)
+        np.testing.assert_array_equal(rm_aligned, rm)
+        np.testing.assert_array_equal(rv_aligned, rv)
         dx, gw, gb = bnc.batch_norm_backward(dym, xm, sm, si, w)
         dx2, gw2, gb2 = bnc.batch_norm_backward(dy, x, sm2, si2, w)
         np.testing.assert_array_equal(dx, dx2)

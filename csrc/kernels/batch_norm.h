@@ -57,6 +57,12 @@ struct KernelTable {
   KernelSet<half, float> f16;
 };
 
+// Outputs of at least this many bytes are written with non-temporal stores (they bypass the cache:
+// less memory traffic, and a tensor that large would not stay in cache anyway). Default: half the
+// L3 cache (8 MiB when unknown). Results do not depend on it. Defined in dispatch.cpp.
+int64_t stream_threshold_bytes();
+void set_stream_threshold_bytes(int64_t bytes);
+
 // Per-ISA tables, defined in isa_*.cpp.
 const KernelTable& kernel_table_baseline();
 const KernelTable& kernel_table_avx2();

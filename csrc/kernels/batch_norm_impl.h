@@ -30,6 +30,10 @@
 
 #include "kernels/batch_norm.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #if BNC_HAVE_OPENMP
 #include <omp.h>
 #endif
@@ -310,10 +314,8 @@ struct Scratch {
   double* shift;     // kChunkElems
   double* chunk_a;   // per channel of the chunk (fused path)
   double* chunk_b;
-  void* coefs;       // kMaxCoefs * kChunkElems values of the compute type
 };
-constexpr int64_t kMaxCoefs = 5;
-constexpr int64_t kScratchDoubles = 5 * kChunkElems + kMaxCoefs * kChunkElems;
+constexpr int64_t kScratchDoubles = 5 * kChunkElems;
 
 inline Scratch scratch_for(double* base, int tid) {
   double* p = base + static_cast<int64_t>(tid) * kScratchDoubles;
@@ -323,7 +325,6 @@ inline Scratch scratch_for(double* base, int tid) {
   s.shift = p + 2 * kChunkElems;
   s.chunk_a = p + 3 * kChunkElems;
   s.chunk_b = p + 4 * kChunkElems;
-  s.coefs = p + 5 * kChunkElems;
   return s;
 }
 
@@ -429,7 +430,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Apply maps: out = f(inputs, per-channel coefficients), computed in the compute type.
+// Apply maps: the output value from the inputs and per-channel coefficients, in the compute type.
 
 // Forward: y = ((x - mean_hi) - mean_lo) * scale + shift.
 template <class T>
@@ -437,13 +438,13 @@ struct NormalizeMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 4;  // mean_hi, mean_lo, scale, shift
   const T* x;
-  T* y;
+  T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
-  void vec(int64_t off, const Vec<T>* k) const {
-    store_compute(y + off, ((load_compute(x + off) - k[0]) - k[1]) * k[2] + k[3]);
+  Vec<T> vec(int64_t off, const Vec<T>* k) const {
+    return ((load_compute(x + off) - k[0]) - k[1]) * k[2] + k[3];
   }
-  void one(int64_t off, const C* k) const {
-    y[off] = static_cast<T>(((static_cast<C>(x[off]) - k[0]) - k[1]) * k[2] + k[3]);
+  C one(int64_t off, const C* k) const {
+    return ((static_cast<C>(x[off]) - k[0]) - k[1]) * k[2] + k[3];
   }
 };
 
@@ -454,93 +455,159 @@ struct GradTrainMap {
   static constexpr int kCoefs = 5;  // a, mean_hi, mean_lo, b, k
   const T* dy;
   const T* x;
-  T* dx;
+  T* out;
   void prefetch(int64_t off, int64_t count) const {
     prefetch_piece(dy + off, count);
     prefetch_piece(x + off, count);
   }
-  void vec(int64_t off, const Vec<T>* k) const {
-    store_compute(dx + off, k[0] * load_compute(dy + off) +
-                                k[3] * ((load_compute(x + off) - k[1]) - k[2]) + k[4]);
+  Vec<T> vec(int64_t off, const Vec<T>* k) const {
+    return k[0] * load_compute(dy + off) + k[3] * ((load_compute(x + off) - k[1]) - k[2]) + k[4];
   }
-  void one(int64_t off, const C* k) const {
-    dx[off] = static_cast<T>(k[0] * static_cast<C>(dy[off]) +
-                             k[3] * ((static_cast<C>(x[off]) - k[1]) - k[2]) + k[4]);
+  C one(int64_t off, const C* k) const {
+    return k[0] * static_cast<C>(dy[off]) + k[3] * ((static_cast<C>(x[off]) - k[1]) - k[2]) + k[4];
   }
 };
 
-// Backward, inference: dx = a * dy (statistics are constants).
+// Backward, inference: dx = a * dy (the statistics are constants).
 template <class T>
 struct GradEvalMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 1;
   const T* dy;
-  T* dx;
+  T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(dy + off, count); }
-  void vec(int64_t off, const Vec<T>* k) const { store_compute(dx + off, k[0] * load_compute(dy + off)); }
-  void one(int64_t off, const C* k) const { dx[off] = static_cast<T>(k[0] * static_cast<C>(dy[off])); }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const { return k[0] * load_compute(dy + off); }
+  C one(int64_t off, const C* k) const { return k[0] * static_cast<C>(dy[off]); }
 };
 
-// Applies `map` on task (chunk, row_block). coefs[k] points to C per-channel values.
-template <class T, class Map>
-void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t chunk,
-                int64_t row_block, const Scratch& s) {
+// Non-temporal stores write an output that is too large to stay in cache straight to memory,
+// without first reading its cache lines (a third of the traffic of a streaming map).
+template <class V, class E>
+inline void stream_store(E* p, V v) {
+#if defined(__x86_64__)
+  if constexpr (sizeof(V) == 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), reinterpret_cast<__m512i&>(v));
+  } else if constexpr (sizeof(V) == 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i&>(v));
+  } else if constexpr (sizeof(V) == 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i&>(v));
+  } else {
+    store(p, v);
+  }
+#else
+  store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+template <bool Stream, class T>
+inline void put(T* p, Vec<T> v) {
+  const auto raw = __builtin_convertvector(v, typename Types<T>::RawForVec);
+  if constexpr (Stream) {
+    stream_store(p, raw);
+  } else {
+    store(p, raw);
+  }
+}
+
+// Channels whose segments are shorter than this get per-lane coefficients (below).
+constexpr int64_t kPeriodicBelowInner = 16;
+
+// Per-lane coefficients for inner < kPeriodicBelowInner: lane j of a row (channels * inner
+// elements) holds channel j / inner's coefficient, and the arrays run kVecElems past the row,
+// repeating it, so a vector starting anywhere in a row reads the right coefficients even where
+// it crosses into the next row. Then the map is one flat loop with no per-row bookkeeping.
+template <class T, int K>
+struct LaneCoefs {
+  Compute<T>* lanes[K];
+  int64_t width = 0;  // 0: not used (inner >= kPeriodicBelowInner)
+  int64_t inner = 1;
+  static int64_t length(const Geometry& g) {
+    return g.inner < kPeriodicBelowInner ? g.channels * g.inner + kVecElems<T> : 0;
+  }
+  // Copies channel c's coefficients to its lanes.
+  void spread(int64_t c, Compute<T>* const* coefs) const {
+    if (!width) return;
+    for (int64_t i = 0; i < inner; ++i)
+      for (int64_t lane = c * inner + i; lane < width + kVecElems<T>; lane += width)
+        for (int k = 0; k < K; ++k) lanes[k][lane] = coefs[k][c];
+  }
+};
+
+// Applies `map` to elements [e, end) of the flattened tensor, in memory order.
+template <bool Stream, class T, class Map>
+void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
+                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t e, int64_t end) {
   using C = Compute<T>;
   using V = Vec<T>;
   constexpr int K = Map::kCoefs;
-  const Geometry& g = p.g;
-  const int64_t c0 = chunk * p.chunk_channels;
-  const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
-  const int64_t o0 = row_block * p.rows_per_block;
-  const int64_t o1 = min64(g.outer, o0 + p.rows_per_block);
-  const int64_t row_stride = g.channels * g.inner;
-
-  if (p.row_family) {
-    const int64_t width = (c1 - c0) * g.inner;
-    const int64_t vec_width = width - width % kVecElems<T>;
-    const C* lane_coef[K];
-    C* expanded = static_cast<C*>(s.coefs);
-    for (int k = 0; k < K; ++k) {
-      if (g.inner == 1) {
-        lane_coef[k] = coefs[k] + c0;
-      } else {
-        C* dst = expanded + k * kChunkElems;
-        for (int64_t j = 0; j < width; ++j) dst[j] = coefs[k][c0 + j / g.inner];
-        lane_coef[k] = dst;
-      }
-    }
-    const int64_t base = c0 * g.inner;
-    for (int64_t o = o0; o < o1; ++o) {
-      const int64_t r = o * row_stride + base;
-      if (o + 1 < o1) map.prefetch(r + row_stride, width);
-      for (int64_t j = 0; j < vec_width; j += kVecElems<T>) {
-        V kv[K];
-        for (int k = 0; k < K; ++k) kv[k] = load<V>(lane_coef[k] + j);
-        map.vec(r + j, kv);
-      }
-      for (int64_t j = vec_width; j < width; ++j) {
-        C ks[K];
-        for (int k = 0; k < K; ++k) ks[k] = lane_coef[k][j];
-        map.one(r + j, ks);
-      }
-    }
-    return;
-  }
-
-  const int64_t vec_inner = g.inner - g.inner % kVecElems<T>;
-  for (int64_t o = o0; o < o1; ++o) {
-    if (o + 1 < o1) map.prefetch(((o + 1) * g.channels + c0) * g.inner, (c1 - c0) * g.inner);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t seg = (o * g.channels + c) * g.inner;
+  constexpr int64_t W = kVecElems<T>;
+  constexpr uintptr_t kAlign = sizeof(typename Types<T>::RawForVec);
+  T* const out = map.out;
+  auto aligned = [&](int64_t at) {
+    return !Stream || reinterpret_cast<uintptr_t>(out + at) % kAlign == 0;
+  };
+  if (!lanes.width) {
+    // Segments of one channel: broadcast its coefficients.
+    while (e < end) {
+      const int64_t segment = e / g.inner;
+      const int64_t c = segment % g.channels;
+      const int64_t segment_end = min64(end, (segment + 1) * g.inner);
       C ks[K];
       V kv[K];
       for (int k = 0; k < K; ++k) {
         ks[k] = coefs[k][c];
         kv[k] = broadcast<V>(ks[k]);
       }
-      for (int64_t i = 0; i < vec_inner; i += kVecElems<T>) map.vec(seg + i, kv);
-      for (int64_t i = vec_inner; i < g.inner; ++i) map.one(seg + i, ks);
+      for (; e < segment_end && !aligned(e); ++e) out[e] = static_cast<T>(map.one(e, ks));
+      for (; e + W <= segment_end; e += W) put<Stream>(out + e, map.vec(e, kv));
+      for (; e < segment_end; ++e) out[e] = static_cast<T>(map.one(e, ks));
     }
+    return;
+  }
+  int64_t j = e % lanes.width;  // lane of element e
+  auto one = [&]() {
+    C ks[K];
+    for (int k = 0; k < K; ++k) ks[k] = lanes.lanes[k][j];
+    out[e] = static_cast<T>(map.one(e, ks));
+    ++e;
+    if (++j == lanes.width) j = 0;
+  };
+  while (e < end && !aligned(e)) one();
+  for (; e + W <= end; e += W) {
+    V kv[K];
+    for (int k = 0; k < K; ++k) kv[k] = load<V>(lanes.lanes[k] + j);
+    put<Stream>(out + e, map.vec(e, kv));
+    j += W;
+    if (j >= lanes.width) j %= lanes.width;
+  }
+  while (e < end) one();
+}
+
+// Applies `map` on task (chunk, row_block): a contiguous range when chunks are whole rows, else
+// one piece per row, the next piece prefetched.
+template <bool Stream, class T, class Map>
+void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
+                const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block) {
+  const Geometry& g = p.g;
+  const int64_t c0 = chunk * p.chunk_channels;
+  const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
+  const int64_t o0 = row_block * p.rows_per_block;
+  const int64_t o1 = min64(g.outer, o0 + p.rows_per_block);
+  const int64_t row = g.channels * g.inner;
+  if (p.num_chunks == 1) {
+    apply_range<Stream, T>(g, map, coefs, lanes, o0 * row, o1 * row);
+    return;
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    const int64_t piece = (o * g.channels + c0) * g.inner;
+    if (o + 1 < o1) map.prefetch(piece + row, (c1 - c0) * g.inner);
+    apply_range<Stream, T>(g, map, coefs, lanes, piece, piece + (c1 - c0) * g.inner);
   }
 }
 
@@ -550,48 +617,99 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs, int64_t
 struct Workspace {
   void* block = nullptr;
   char* base = nullptr;  // block rounded up to a cache line
+  int64_t size = 0;
   int64_t used = 0;
   ~Workspace() { std::free(block); }
   Workspace() = default;
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
-  bool allocate(int64_t bytes) {
-    block = std::malloc(static_cast<size_t>(bytes + 64));
+  static int64_t rounded(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+  // Reserves room for `count` objects of type U (first pass: sizes only).
+  template <class U>
+  void reserve(int64_t count) {
+    size += rounded(count * static_cast<int64_t>(sizeof(U)));
+  }
+  bool allocate() {
+    block = std::malloc(static_cast<size_t>(size + 64));
     if (!block) return false;
     base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(block) + 63) & ~uintptr_t{63});
     return true;
   }
-  // Carves `count` objects of type U (double or float), each run starting on a cache line.
+  // Carves `count` objects of type U (double or float), each run starting on a cache line;
+  // every take must match a reserve of the same count.
   template <class U>
   U* take(int64_t count) {
     U* p = reinterpret_cast<U*>(base + used);
-    used += ((count * static_cast<int64_t>(sizeof(U)) + 63) / 64) * 64;
+    used += rounded(count * static_cast<int64_t>(sizeof(U)));
     return p;
   }
 };
 
-inline int64_t aligned_bytes(int64_t count, int64_t size) { return ((count * size + 63) / 64) * 64; }
+// Everything one reduce -> finalize -> apply call needs besides its inputs: per-channel
+// coefficients (and lanes), shifts, row-block partials, per-thread scratch. One allocation.
+template <class T, int K>
+struct ApplyState {
+  Compute<T>* coefs[K];
+  LaneCoefs<T, K> lanes;
+  double* shifts = nullptr;
+  double* partial_a = nullptr;
+  double* partial_b = nullptr;
+  double* scratch = nullptr;
+  Workspace ws;
+
+  // extra_doubles: further per-channel double arrays the caller takes afterwards.
+  bool allocate(const Plan& p, int threads, int extra_doubles) {
+    const Geometry& g = p.g;
+    const int64_t partials = p.fused ? 0 : g.channels * p.num_row_blocks;
+    const int64_t lane_length = LaneCoefs<T, K>::length(g);
+    for (int k = 0; k < K; ++k) ws.reserve<Compute<T>>(g.channels);
+    for (int k = 0; k < K; ++k) ws.reserve<Compute<T>>(lane_length);
+    for (int k = 0; k <= extra_doubles; ++k) ws.reserve<double>(g.channels);
+    ws.reserve<double>(partials);
+    ws.reserve<double>(partials);
+    ws.reserve<double>(threads * kScratchDoubles);
+    if (!ws.allocate()) return false;
+    for (int k = 0; k < K; ++k) coefs[k] = ws.take<Compute<T>>(g.channels);
+    for (int k = 0; k < K; ++k) lanes.lanes[k] = ws.take<Compute<T>>(lane_length);
+    lanes.width = lane_length ? g.channels * g.inner : 0;
+    lanes.inner = g.inner;
+    shifts = ws.take<double>(g.channels);
+    partial_a = ws.take<double>(partials);
+    partial_b = ws.take<double>(partials);
+    scratch = ws.take<double>(threads * kScratchDoubles);
+    return true;
+  }
+};
+
+// Outputs of at least this many bytes are written with non-temporal stores (set from the L3
+// cache size in dispatch.cpp): they would not stay in cache for the next layer anyway.
+inline bool streaming_output(const Geometry& g, int64_t elem_bytes) {
+  return g.size() * elem_bytes >= stream_threshold_bytes();
+}
 
 // The reduce -> finalize -> apply driver shared by forward training and backward.
-// finalize(c, sum_a, sum_b) turns channel c's sums into its coefficients (coefs[k][c]).
-template <class T, class Terms, class Finalize, class Map>
-void reduce_finalize_apply(const Plan& p, const Terms& terms, const double* shifts,
-                           Finalize& finalize, const Map& map, Compute<T>* const* coefs,
-                           double* scratch_base, double* partial_a, double* partial_b,
-                           int threads) {
+// finalize(c, sum_a, sum_b) turns channel c's sums into its coefficients (st.coefs[k][c]).
+template <bool Stream, class T, class Terms, class Finalize, class Map>
+void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize, const Map& map,
+                           ApplyState<T, Map::kCoefs>& st, int threads) {
   const Geometry& g = p.g;
+  auto finalize_channel = [&](int64_t c, double sum_a, double sum_b) {
+    finalize(c, sum_a, sum_b);
+    st.lanes.spread(c, st.coefs);
+  };
   auto body = [&](int tid, int nth) {
-    const Scratch s = scratch_for(scratch_base, tid);
+    const Scratch s = scratch_for(st.scratch, tid);
     if (p.fused) {
       int64_t begin, end;
       split_range(p.num_chunks, tid, nth, begin, end);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
-        reduce_task(p, terms, shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
+        reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
         const int64_t c0 = chunk * p.chunk_channels;
         const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
-        for (int64_t c = c0; c < c1; ++c) finalize(c, s.chunk_a[c - c0], s.chunk_b[c - c0]);
-        apply_task<T>(p, map, coefs, chunk, 0, s);
+        for (int64_t c = c0; c < c1; ++c) finalize_channel(c, s.chunk_a[c - c0], s.chunk_b[c - c0]);
+        apply_task<Stream, T>(p, map, st.coefs, st.lanes, chunk, 0);
       }
+      if (Stream) stream_fence();
       return;
     }
     for (int64_t first = 0; first < p.num_chunks; first += p.chunks_per_group) {
@@ -603,8 +721,8 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, const double* shif
         const int64_t chunk = first + t / p.num_row_blocks;
         const int64_t rb = t % p.num_row_blocks;
         const int64_t c0 = chunk * p.chunk_channels;
-        reduce_task(p, terms, shifts, chunk, rb, s, partial_a + rb * g.channels + c0,
-                    partial_b + rb * g.channels + c0);
+        reduce_task(p, terms, st.shifts, chunk, rb, s, st.partial_a + rb * g.channels + c0,
+                    st.partial_b + rb * g.channels + c0);
       }
       team_barrier();
       const int64_t c_first = first * p.chunk_channels;
@@ -612,68 +730,20 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, const double* shif
       int64_t cb, ce;
       split_range(c_last - c_first, tid, nth, cb, ce);
       for (int64_t c = c_first + cb; c < c_first + ce; ++c) {
-        double sum_a = partial_a[c], sum_b = partial_b[c];
+        double sum_a = st.partial_a[c], sum_b = st.partial_b[c];
         for (int64_t rb = 1; rb < p.num_row_blocks; ++rb) {
-          sum_a += partial_a[rb * g.channels + c];
-          sum_b += partial_b[rb * g.channels + c];
+          sum_a += st.partial_a[rb * g.channels + c];
+          sum_b += st.partial_b[rb * g.channels + c];
         }
-        finalize(c, sum_a, sum_b);
+        finalize_channel(c, sum_a, sum_b);
       }
       team_barrier();
       // Reverse order: the tasks this thread reduced last are still in its cache.
       for (int64_t t = end - 1; t >= begin; --t)
-        apply_task<T>(p, map, coefs, first + t / p.num_row_blocks, t % p.num_row_blocks, s);
+        apply_task<Stream, T>(p, map, st.coefs, st.lanes, first + t / p.num_row_blocks,
+                              t % p.num_row_blocks);
+      if (Stream) stream_fence();
       team_barrier();
-    }
-  };
-  run_team(threads, body);
-}
-
-// Apply only (inference forward): no reduction to stay close to, so the tensor is split into one
-// contiguous range per thread and walked in memory order. lane_coefs[k] holds coefficient k per
-// element of a row (channels * inner values) when inner < 16; else per channel.
-template <class T, class Map>
-void apply_flat(const Geometry& g, const Map& map, Compute<T>* const* coefs,
-                Compute<T>* const* lane_coefs, int threads) {
-  using C = Compute<T>;
-  using V = Vec<T>;
-  constexpr int K = Map::kCoefs;
-  const int64_t total = g.size();
-  auto body = [&](int tid, int nth) {
-    // Thread boundaries on 64-element multiples: no two threads write one cache line.
-    int64_t e = (total / 64 * tid / nth) * 64;
-    const int64_t end = tid + 1 == nth ? total : (total / 64 * (tid + 1) / nth) * 64;
-    if (g.inner >= kLanes) {
-      while (e < end) {
-        const int64_t segment = e / g.inner;
-        const int64_t c = segment % g.channels;
-        const int64_t segment_end = min64(end, (segment + 1) * g.inner);
-        C ks[K];
-        V kv[K];
-        for (int k = 0; k < K; ++k) {
-          ks[k] = coefs[k][c];
-          kv[k] = broadcast<V>(ks[k]);
-        }
-        for (; e + kVecElems<T> <= segment_end; e += kVecElems<T>) map.vec(e, kv);
-        for (; e < segment_end; ++e) map.one(e, ks);
-      }
-      return;
-    }
-    const int64_t width = g.channels * g.inner;
-    while (e < end) {
-      const int64_t row = e / width;
-      const int64_t row_end = min64(end, (row + 1) * width);
-      int64_t j = e - row * width;
-      for (; e + kVecElems<T> <= row_end; e += kVecElems<T>, j += kVecElems<T>) {
-        V kv[K];
-        for (int k = 0; k < K; ++k) kv[k] = load<V>(lane_coefs[k] + j);
-        map.vec(e, kv);
-      }
-      for (; e < row_end; ++e, ++j) {
-        C ks[K];
-        for (int k = 0; k < K; ++k) ks[k] = lane_coefs[k][j];
-        map.one(e, ks);
-      }
     }
   };
   run_team(threads, body);
@@ -696,28 +766,20 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
   using C = Compute<T>;
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
-  const int64_t nc = g.channels;
-  const int64_t partials = p.fused ? 0 : 2 * nc * p.num_row_blocks;
-  Workspace ws;
-  if (!ws.allocate(aligned_bytes(3 * nc + partials, 8) + aligned_bytes(4 * nc, sizeof(C)) + 64 * 8 +
-                   aligned_bytes(threads * kScratchDoubles, 8)))
-    return -1;
-  double* pivot = ws.take<double>(nc);
-  double* mean = ws.take<double>(nc);
-  double* var = ws.take<double>(nc);
-  double* partial_a = ws.take<double>(partials / 2);
-  double* partial_b = ws.take<double>(partials / 2);
-  C* coefs[4];
-  for (int k = 0; k < 4; ++k) coefs[k] = ws.take<C>(nc);
-  double* scratch = ws.take<double>(threads * kScratchDoubles);
+  ApplyState<T, NormalizeMap<T>::kCoefs> st;
+  if (!st.allocate(p, threads, 2)) return -1;
+  double* mean = st.ws.template take<double>(g.channels);
+  double* var = st.ws.template take<double>(g.channels);
 
-  for (int64_t c = 0; c < nc; ++c) pivot[c] = static_cast<double>(x[c * g.inner]);
+  // The pivot of each channel: its first element.
+  for (int64_t c = 0; c < g.channels; ++c) st.shifts[c] = static_cast<double>(x[c * g.inner]);
   const double n = static_cast<double>(g.per_channel());
+  C* const* coefs = st.coefs;
   auto finalize = [&](int64_t c, double sum_d, double sum_dd) {
     const double mean_offset = sum_d / n;
     double v = sum_dd / n - mean_offset * mean_offset;
     if (v < 0.0) v = 0.0;  // rounding only; NaN passes through
-    const double m = pivot[c] + mean_offset;
+    const double m = st.shifts[c] + mean_offset;
     const double invstd = 1.0 / __builtin_sqrt(v + eps);
     mean[c] = m;
     var[c] = v;
@@ -727,12 +789,16 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
     coefs[2][c] = static_cast<C>(weight ? invstd * static_cast<double>(weight[c]) : invstd);
     coefs[3][c] = static_cast<C>(bias ? static_cast<double>(bias[c]) : 0.0);
   };
-  reduce_finalize_apply<T>(p, MomentTerms<T>{x}, pivot, finalize, NormalizeMap<T>{x, y}, coefs,
-                           scratch, partial_a, partial_b, threads);
+  const MomentTerms<T> terms{x};
+  const NormalizeMap<T> map{x, y};
+  if (streaming_output(g, sizeof(T)))
+    reduce_finalize_apply<true, T>(p, terms, finalize, map, st, threads);
+  else
+    reduce_finalize_apply<false, T>(p, terms, finalize, map, st, threads);
 
   int64_t skipped = 0;
   const double unbias = n / (n - 1.0);
-  for (int64_t c = 0; c < nc; ++c) {
+  for (int64_t c = 0; c < g.channels; ++c) {
     if (!is_finite(mean[c]) || !is_finite(var[c])) {
       ++skipped;
       continue;
@@ -752,19 +818,13 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
                      const P* running_mean, const P* running_var, double eps, P* save_mean,
                      P* save_invstd, int num_threads) {
   using C = Compute<T>;
-  const int64_t nc = g.channels;
-  const bool expand = g.inner > 1 && g.inner < kLanes;
-  const int64_t width = expand ? nc * g.inner : 0;
+  const Plan p = make_plan(g, sizeof(T));
   int threads = g.size() * static_cast<int64_t>(sizeof(T)) < kSerialBytes ? 1 : num_threads;
   if (threads < 1) threads = 1;
-  Workspace ws;
-  if (!ws.allocate(aligned_bytes(4 * nc, sizeof(C)) + aligned_bytes(4 * width, sizeof(C)) + 8 * 64))
-    return -1;
-  C* coefs[4];
-  C* lane_coefs[4];
-  for (int k = 0; k < 4; ++k) coefs[k] = ws.take<C>(nc);
-  for (int k = 0; k < 4; ++k) lane_coefs[k] = expand ? ws.take<C>(width) : coefs[k];
-  for (int64_t c = 0; c < nc; ++c) {
+  ApplyState<T, NormalizeMap<T>::kCoefs> st;
+  if (!st.allocate(p, 0, 0)) return -1;
+  C* const* coefs = st.coefs;
+  for (int64_t c = 0; c < g.channels; ++c) {
     const double m = static_cast<double>(running_mean[c]);
     const double invstd = 1.0 / __builtin_sqrt(static_cast<double>(running_var[c]) + eps);
     save_mean[c] = running_mean[c];
@@ -772,10 +832,57 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
     split_mean(m, coefs[0][c], coefs[1][c]);
     coefs[2][c] = static_cast<C>(weight ? invstd * static_cast<double>(weight[c]) : invstd);
     coefs[3][c] = static_cast<C>(bias ? static_cast<double>(bias[c]) : 0.0);
+    st.lanes.spread(c, coefs);
   }
-  for (int64_t j = 0; j < width; ++j)
-    for (int k = 0; k < 4; ++k) lane_coefs[k][j] = coefs[k][j / g.inner];
-  apply_flat<T>(g, NormalizeMap<T>{x, y}, coefs, lane_coefs, threads);
+  // No reduction to stay close to: one contiguous range per thread, in memory order, with
+  // boundaries on cache-line multiples so no two threads write one line.
+  const NormalizeMap<T> map{x, y};
+  const bool stream = streaming_output(g, sizeof(T));
+  const int64_t total = g.size();
+  auto body = [&](int tid, int nth) {
+    const int64_t begin = total / 64 * tid / nth * 64;
+    const int64_t end = tid + 1 == nth ? total : total / 64 * (tid + 1) / nth * 64;
+    if (stream) {
+      apply_range<true, T>(g, map, coefs, st.lanes, begin, end);
+      stream_fence();
+    } else {
+      apply_range<false, T>(g, map, coefs, st.lanes, begin, end);
+    }
+  };
+  run_team(threads, body);
+  return 0;
+}
+
+template <class T, class P, class Map>
+int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const P* save_mean,
+                      const P* save_invstd, const P* weight, P* grad_weight, P* grad_bias,
+                      int num_threads) {
+  using C = Compute<T>;
+  const Plan p = make_plan(g, sizeof(T));
+  const int threads = threads_for(p, sizeof(T), num_threads);
+  ApplyState<T, Map::kCoefs> st;
+  if (!st.allocate(p, threads, 0)) return -1;
+  // The shift of each channel is the saved mean: sums of dy and dy * (x - mean).
+  for (int64_t c = 0; c < g.channels; ++c) st.shifts[c] = static_cast<double>(save_mean[c]);
+  const double n = static_cast<double>(g.per_channel());
+  C* const* coefs = st.coefs;
+  auto finalize = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
+    const double invstd = static_cast<double>(save_invstd[c]);
+    const double a = weight ? invstd * static_cast<double>(weight[c]) : invstd;
+    grad_bias[c] = static_cast<P>(sum_dy);
+    grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
+    coefs[0][c] = static_cast<C>(a);
+    if constexpr (Map::kCoefs == 5) {
+      split_mean(st.shifts[c], coefs[1][c], coefs[2][c]);
+      coefs[3][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
+      coefs[4][c] = static_cast<C>(-a * sum_dy / n);
+    }
+  };
+  const GradTerms<T> terms{dy, x};
+  if (streaming_output(g, sizeof(T)))
+    reduce_finalize_apply<true, T>(p, terms, finalize, map, st, threads);
+  else
+    reduce_finalize_apply<false, T>(p, terms, finalize, map, st, threads);
   return 0;
 }
 
@@ -783,43 +890,11 @@ template <class T, class P>
 int64_t backward(const T* dy, const T* x, T* dx, Geometry g, const P* save_mean,
                  const P* save_invstd, const P* weight, bool training, P* grad_weight,
                  P* grad_bias, int num_threads) {
-  using C = Compute<T>;
-  const Plan p = make_plan(g, sizeof(T));
-  const int threads = threads_for(p, sizeof(T), num_threads);
-  const int64_t nc = g.channels;
-  const int64_t partials = p.fused ? 0 : 2 * nc * p.num_row_blocks;
-  Workspace ws;
-  if (!ws.allocate(aligned_bytes(nc + partials, 8) + aligned_bytes(5 * nc, sizeof(C)) + 64 * 8 +
-                   aligned_bytes(threads * kScratchDoubles, 8)))
-    return -1;
-  double* mean = ws.take<double>(nc);
-  double* partial_a = ws.take<double>(partials / 2);
-  double* partial_b = ws.take<double>(partials / 2);
-  C* coefs[5];
-  for (int k = 0; k < 5; ++k) coefs[k] = ws.take<C>(nc);
-  double* scratch = ws.take<double>(threads * kScratchDoubles);
-
-  for (int64_t c = 0; c < nc; ++c) mean[c] = static_cast<double>(save_mean[c]);
-  const double n = static_cast<double>(g.per_channel());
-  auto finalize = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
-    const double invstd = static_cast<double>(save_invstd[c]);
-    const double a = weight ? invstd * static_cast<double>(weight[c]) : invstd;
-    grad_bias[c] = static_cast<P>(sum_dy);
-    grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
-    coefs[0][c] = static_cast<C>(a);
-    split_mean(mean[c], coefs[1][c], coefs[2][c]);
-    coefs[3][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
-    coefs[4][c] = static_cast<C>(-a * sum_dy / n);
-  };
-  const GradTerms<T> terms{dy, x};
-  if (training) {
-    reduce_finalize_apply<T>(p, terms, mean, finalize, GradTrainMap<T>{dy, x, dx}, coefs, scratch,
-                             partial_a, partial_b, threads);
-  } else {
-    reduce_finalize_apply<T>(p, terms, mean, finalize, GradEvalMap<T>{dy, dx}, coefs, scratch,
-                             partial_a, partial_b, threads);
-  }
-  return 0;
+  if (training)
+    return backward_with(GradTrainMap<T>{dy, x, dx}, dy, x, g, save_mean, save_invstd, weight,
+                         grad_weight, grad_bias, num_threads);
+  return backward_with(GradEvalMap<T>{dy, dx}, dy, x, g, save_mean, save_invstd, weight,
+                       grad_weight, grad_bias, num_threads);
 }
 
 }  // namespace

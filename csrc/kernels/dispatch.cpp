@@ -1,6 +1,10 @@
 #include "kernels/dispatch.h"
 
 #include <atomic>
+#include <cstdint>
+#include <cstdio>
+
+#include <unistd.h>
 
 #if BNC_HAVE_OPENMP
 #include <omp.h>
@@ -11,6 +15,30 @@ namespace {
 
 std::atomic<const KernelTable*> g_active{nullptr};
 std::atomic<int> g_num_threads{0};  // 0: not set, use OpenMP's default
+std::atomic<int64_t> g_stream_threshold{-1};  // -1: not yet read from the cache size
+
+// The L3 cache size this CPU's cores see: sysfs first (what the kernel reports for this core; in
+// virtual machines sysconf may report the host's total), then sysconf, else 0.
+int64_t l3_cache_bytes() {
+  if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    long long value = 0;
+    char unit = 0;
+    const int read = std::fscanf(f, "%lld%c", &value, &unit);
+    std::fclose(f);
+    if (read >= 1 && value > 0)
+      return static_cast<int64_t>(value) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+  }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (l3 > 0) return l3;
+#endif
+  return 0;
+}
+
+int64_t default_stream_threshold() {
+  const int64_t l3 = l3_cache_bytes();
+  return l3 > 0 ? l3 / 2 : int64_t{8} << 20;
+}
 
 bool cpu_has(const std::string& isa) {
   if (isa == "baseline") return true;
@@ -80,5 +108,18 @@ int get_num_threads() {
 }
 
 void set_num_threads(int n) { g_num_threads = n; }
+
+int64_t stream_threshold_bytes() {
+  int64_t t = g_stream_threshold.load(std::memory_order_relaxed);
+  if (t < 0) {
+    t = default_stream_threshold();
+    g_stream_threshold.store(t, std::memory_order_relaxed);
+  }
+  return t;
+}
+
+void set_stream_threshold_bytes(int64_t bytes) {
+  g_stream_threshold = bytes < 0 ? default_stream_threshold() : bytes;
+}
 
 }  // namespace bnc
