@@ -128,6 +128,20 @@ template <class T>
 inline vd load_vd(const T* p) {
   return __builtin_convertvector(load<typename Types<T>::RawForVd>(p), vd);
 }
+#if defined(__x86_64__)
+// GCC 12 lowers the float -> double __builtin_convertvector through two half-width conversions;
+// one instruction does it.
+template <>
+inline vd load_vd(const float* p) {
+#if BNC_VEC_BYTES == 64
+  return reinterpret_cast<vd>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
+#elif BNC_VEC_BYTES == 32
+  return reinterpret_cast<vd>(_mm256_cvtps_pd(_mm_loadu_ps(p)));
+#else
+  return reinterpret_cast<vd>(_mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
+#endif
+}
+#endif
 
 // kVecElems<T> elements of T, in the compute type.
 template <class T>
@@ -356,7 +370,8 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     int64_t o = o0;
     for (; o + 4 <= o1; o += 4) {
       const int64_t r = o * row_stride + base;
-      for (int64_t k = 4; k < 8 && o + k < o1; ++k) terms.prefetch(r + k * row_stride, width);
+      if (p.num_chunks > 1)  // pieces a row apart; whole rows are contiguous and need no help
+        for (int64_t k = 4; k < 8 && o + k < o1; ++k) terms.prefetch(r + k * row_stride, width);
       for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
         vd a = load<vd>(acc_a + j), b = load<vd>(acc_b + j);
         const vd sh = load<vd>(lane_shift + j);
@@ -553,38 +568,61 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
     return !Stream || reinterpret_cast<uintptr_t>(out + at) % kAlign == 0;
   };
   if (!lanes.width) {
-    // Segments of one channel: broadcast its coefficients.
-    while (e < end) {
-      const int64_t segment = e / g.inner;
-      const int64_t c = segment % g.channels;
-      const int64_t segment_end = min64(end, (segment + 1) * g.inner);
+    // Segments of one channel (inner >= 16, so a vector crosses at most one segment end):
+    // coefficients broadcast per segment; a vector that crosses into the next segment takes
+    // its lanes from both. The loop stays on aligned vectors across segment ends, so streaming
+    // stores always write whole vectors.
+    auto channel_of = [&](int64_t at) { return (at / g.inner) % g.channels; };
+    auto one = [&](int64_t at) {
       C ks[K];
-      V kv[K];
-      for (int k = 0; k < K; ++k) {
-        ks[k] = coefs[k][c];
-        kv[k] = broadcast<V>(ks[k]);
+      const int64_t c = channel_of(at);
+      for (int k = 0; k < K; ++k) ks[k] = coefs[k][c];
+      out[at] = static_cast<T>(map.one(at, ks));
+    };
+    for (; e < end && !aligned(e); ++e) one(e);
+    int64_t segment_end = 0;
+    V kv[K];
+    for (; e + W <= end; e += W) {
+      if (e >= segment_end) {
+        const int64_t c = channel_of(e);
+        segment_end = (e / g.inner + 1) * g.inner;
+        for (int k = 0; k < K; ++k) kv[k] = broadcast<V>(coefs[k][c]);
       }
-      for (; e < segment_end && !aligned(e); ++e) out[e] = static_cast<T>(map.one(e, ks));
-      for (; e + W <= segment_end; e += W) put<Stream>(out + e, map.vec(e, kv));
-      for (; e < segment_end; ++e) out[e] = static_cast<T>(map.one(e, ks));
+      if (e + W <= segment_end) {
+        put<Stream>(out + e, map.vec(e, kv));
+        continue;
+      }
+      const int64_t next = channel_of(segment_end);
+      V mixed[K];
+      for (int k = 0; k < K; ++k) {
+        C lane[W];
+        for (int64_t l = 0; l < W; ++l) lane[l] = e + l < segment_end ? kv[k][l] : coefs[k][next];
+        mixed[k] = load<V>(lane);
+      }
+      put<Stream>(out + e, map.vec(e, mixed));
     }
+    for (; e < end; ++e) one(e);
     return;
   }
-  int64_t j = e % lanes.width;  // lane of element e
+  // Locals, not the struct's fields: stores through `out` could alias those for the compiler.
+  const C* lane_coef[K];
+  for (int k = 0; k < K; ++k) lane_coef[k] = lanes.lanes[k];
+  const int64_t width = lanes.width;
+  int64_t j = e % width;  // lane of element e
   auto one = [&]() {
     C ks[K];
-    for (int k = 0; k < K; ++k) ks[k] = lanes.lanes[k][j];
+    for (int k = 0; k < K; ++k) ks[k] = lane_coef[k][j];
     out[e] = static_cast<T>(map.one(e, ks));
     ++e;
-    if (++j == lanes.width) j = 0;
+    if (++j == width) j = 0;
   };
   while (e < end && !aligned(e)) one();
   for (; e + W <= end; e += W) {
     V kv[K];
-    for (int k = 0; k < K; ++k) kv[k] = load<V>(lanes.lanes[k] + j);
+    for (int k = 0; k < K; ++k) kv[k] = load<V>(lane_coef[k] + j);
     put<Stream>(out + e, map.vec(e, kv));
     j += W;
-    if (j >= lanes.width) j %= lanes.width;
+    if (j >= width) j %= width;
   }
   while (e < end) one();
 }
