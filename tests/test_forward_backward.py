@@ -408,6 +408,7 @@ def test_every_isa_path_matches_reference(isa, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script), isa, str(result_file), json.dumps(ISA_CASES)],
         env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,  # not the repository root, whose bnc/ would shadow the installed package
     )
     assert proc.returncode == 0, proc.stderr
     with np.load(result_file) as data:
