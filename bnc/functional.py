@@ -117,7 +117,7 @@ def _check_eps(eps: object) -> float:
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
     eps = float(eps)
     if not eps > 0.0 or not np.isfinite(eps):
-        raise ValueError(f"eps must be positive (and finite), got {eps}")
+        raise ValueError(f"eps must be positive and finite, got {eps}")
     return eps
 
 

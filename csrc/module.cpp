@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -137,7 +138,13 @@ Geometry geometry_of(const py::array& x, int64_t axis) {
 }
 
 void check_eps(double eps) {
-  if (!(eps > 0.0)) throw py::value_error("eps must be positive, got " + std::to_string(eps));
+  if (!(eps > 0.0) || !std::isfinite(eps))
+    throw py::value_error("eps must be positive and finite, got " + std::to_string(eps));
+}
+
+void check_momentum(double momentum) {
+  if (!std::isfinite(momentum))
+    throw py::value_error("momentum: expected a finite number, got " + std::to_string(momentum));
 }
 
 void raise_if_out_of_memory(int64_t status) {
@@ -270,6 +277,7 @@ PYBIND11_MODULE(_core, m) {
          py::handle running_var, int64_t axis, double eps, double momentum, py::handle save_mean,
          py::handle save_invstd) -> int64_t {
         check_eps(eps);
+        check_momentum(momentum);
         const py::array xa = as_array(x, "x");
         return by_dtype(xa, "x", [&](const auto& k) {
           return forward_train_typed(k, xa, out, weight, bias, running_mean, running_var, axis, eps,
@@ -318,6 +326,8 @@ PYBIND11_MODULE(_core, m) {
       [](py::handle src, py::handle dst) {
         const py::array s = as_array(src, "src");
         const py::array d = as_array(dst, "dst");
+        if (s.dtype().attr("hasobject").cast<bool>() || d.dtype().attr("hasobject").cast<bool>())
+          throw py::type_error("src, dst: expected arrays of numbers, got an object dtype");
         if (!(s.flags() & py::array::c_style) || !(d.flags() & py::array::c_style))
           throw py::value_error("src, dst: expected C-contiguous arrays");
         if (!d.writeable()) throw py::value_error("dst: expected a writeable array");
