@@ -21,7 +21,7 @@ from . import _core
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
-_INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_INF = float("inf")
 
 
 def param_dtype(input_dtype: np.dtype) -> np.dtype:
@@ -37,7 +37,7 @@ def check_input(x: object, name: str = "x") -> np.ndarray:
     """Checks an input tensor and returns it C-contiguous (a strided array is copied once)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in _INPUT_DTYPES or not x.dtype.isnative:
+    if x.dtype.char not in "efd" or not x.dtype.isnative:
         raise TypeError(
             f"{name}: expected dtype float16, float32 or float64, got {_describe_dtype(x.dtype)}"
         )
@@ -55,6 +55,8 @@ def _contiguous_aligned(x: np.ndarray) -> np.ndarray:
 
 def normalize_axis(axis: object, ndim: int) -> int:
     """The channel axis as a non-negative index."""
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
     axis = int(axis)
@@ -73,6 +75,10 @@ def _check_per_channel(
     """
     if array is None:
         return None
+    if (type(array) is np.ndarray and array.dtype is dtype and array.shape == (channels,)
+            and array.flags.c_contiguous and array.flags.aligned
+            and (not writeable or array.flags.writeable)):
+        return array  # the common case, checked in one go
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(array).__name__}")
     if array.dtype != dtype or not array.dtype.isnative:
@@ -90,7 +96,7 @@ def _check_per_channel(
     return _contiguous_aligned(array)
 
 
-def _check_out(out: object, like: np.ndarray, inputs: dict) -> np.ndarray:
+def _check_out(out: object, like: np.ndarray) -> np.ndarray:
     """Checks ``out=`` against the input ``like``; allocates it when None."""
     if out is None:
         return np.empty_like(like)
@@ -106,13 +112,14 @@ def _check_out(out: object, like: np.ndarray, inputs: dict) -> np.ndarray:
         raise ValueError("out: expected an array aligned to its element size, got a misaligned one")
     if not out.flags.writeable:
         raise ValueError("out: expected a writeable array, got a read-only one")
-    for name, array in inputs.items():
-        if array is not None and np.may_share_memory(out, array):
-            raise ValueError(f"out: expected memory not shared with {name}, got an overlapping array")
+    # Overlap with the inputs (and of running buffers with each other) is checked by the binding,
+    # before it writes anything, with the same kind of message.
     return out
 
 
 def _check_eps(eps: object) -> float:
+    if type(eps) is float and 0.0 < eps < _INF:  # the common case, without ABC checks
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
     eps = float(eps)
@@ -122,6 +129,8 @@ def _check_eps(eps: object) -> float:
 
 
 def _check_momentum(momentum: object) -> float:
+    if type(momentum) is float and -_INF < momentum < _INF:
+        return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
     momentum = float(momentum)
@@ -179,12 +188,7 @@ def batch_norm_forward(
             f"{'None' if running_mean is None else 'an array'} and "
             f"{'None' if running_var is None else 'an array'}"
         )
-    out = _check_out(
-        out,
-        x,
-        {"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
-         "running_var": running_var},
-    )
+    out = _check_out(out, x)
     save_mean = np.empty(channels, pdtype)
     save_invstd = np.empty(channels, pdtype)
     per_channel = x.size // channels if channels else 0
@@ -259,11 +263,7 @@ def batch_norm_backward(
     save_mean = _check_per_channel(save_mean, "save_mean", channels, pdtype)
     save_invstd = _check_per_channel(save_invstd, "save_invstd", channels, pdtype)
     weight = _check_per_channel(weight, "weight", channels, pdtype)
-    out = _check_out(
-        out,
-        x,
-        {"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd, "weight": weight},
-    )
+    out = _check_out(out, x)
     grad_weight = np.empty(channels, pdtype)
     grad_bias = np.empty(channels, pdtype)
     if x.size == 0:

@@ -58,8 +58,9 @@ struct KernelTable {
 };
 
 // Outputs of at least this many bytes are written with non-temporal stores (they bypass the cache:
-// less memory traffic, and a tensor that large would not stay in cache anyway). Default: half the
-// L3 cache (8 MiB when unknown). Results do not depend on it. Defined in dispatch.cpp.
+// less memory traffic). Default: a quarter of the L3 cache (8 MiB when unknown): input and output
+// together then fill over half of L3, and the output would not survive the next layer's traffic
+// there anyway. Results do not depend on it. Defined in dispatch.cpp.
 int64_t stream_threshold_bytes();
 void set_stream_threshold_bytes(int64_t bytes);
 

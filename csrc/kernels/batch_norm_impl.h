@@ -160,6 +160,14 @@ inline V broadcast(S s) {
   return v + s;
 }
 
+// {0, 1, 2, ...}: each lane's index, in the element type C.
+template <class V, class C>
+inline V iota() {
+  C lanes[sizeof(V) / sizeof(C)];
+  for (size_t l = 0; l < sizeof(V) / sizeof(C); ++l) lanes[l] = static_cast<C>(l);
+  return load<V>(lanes);
+}
+
 // Sum of 16 lanes in a fixed pairwise order.
 inline double lane_sum(const double* lanes) {
   double t[kLanes];
@@ -573,40 +581,50 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
     return !Stream || reinterpret_cast<uintptr_t>(out + at) % kAlign == 0;
   };
   if (!lanes.width) {
-    // Segments of one channel (inner >= 16, so a vector crosses at most one segment end):
-    // coefficients broadcast per segment; a vector that crosses into the next segment takes
-    // its lanes from both. The loop stays on aligned vectors across segment ends, so streaming
-    // stores always write whole vectors.
-    auto channel_of = [&](int64_t at) { return (at / g.inner) % g.channels; };
-    auto one = [&](int64_t at) {
-      C ks[K];
-      const int64_t c = channel_of(at);
-      for (int k = 0; k < K; ++k) ks[k] = coefs[k][c];
-      out[at] = static_cast<T>(map.one(at, ks));
-    };
-    for (; e < end && !aligned(e); ++e) one(e);
-    int64_t segment_end = 0;
+    // Segments of one channel (inner >= 16 >= W, so a vector crosses at most one segment end):
+    // coefficients broadcast per segment, and a vector that crosses into the next segment blends
+    // both channels' coefficients. The loop stays on aligned vectors across segment ends, so
+    // streaming stores always write whole vectors. Channel and segment end are tracked
+    // incrementally (no division per segment).
+    int64_t c = (e / g.inner) % g.channels;
+    int64_t segment_end = (e / g.inner + 1) * g.inner;
+    C ks[K];
     V kv[K];
-    for (; e + W <= end; e += W) {
-      if (e >= segment_end) {
-        const int64_t c = channel_of(e);
-        segment_end = (e / g.inner + 1) * g.inner;
-        for (int k = 0; k < K; ++k) kv[k] = broadcast<V>(coefs[k][c]);
+    auto set_channel = [&](int64_t channel) {
+      for (int k = 0; k < K; ++k) {
+        ks[k] = coefs[k][channel];
+        kv[k] = broadcast<V>(ks[k]);
       }
+    };
+    auto advance = [&]() {
+      c = c + 1 == g.channels ? 0 : c + 1;
+      segment_end += g.inner;
+      set_channel(c);
+    };
+    set_channel(c);
+    for (; e < end && !aligned(e); ++e) {
+      if (e == segment_end) advance();
+      out[e] = static_cast<T>(map.one(e, ks));
+    }
+    const V lane_index = iota<V, C>();
+    for (; e + W <= end; e += W) {
+      if (e == segment_end) advance();
       if (e + W <= segment_end) {
         put<Stream>(out + e, map.vec(e, kv));
         continue;
       }
-      const int64_t next = channel_of(segment_end);
+      // Lanes below segment_end - e belong to channel c, the others to the next channel.
+      const auto in_this = lane_index < static_cast<C>(segment_end - e);
       V mixed[K];
-      for (int k = 0; k < K; ++k) {
-        C lane[W];
-        for (int64_t l = 0; l < W; ++l) lane[l] = e + l < segment_end ? kv[k][l] : coefs[k][next];
-        mixed[k] = load<V>(lane);
-      }
+      const int64_t next = c + 1 == g.channels ? 0 : c + 1;
+      for (int k = 0; k < K; ++k) mixed[k] = in_this ? kv[k] : broadcast<V>(coefs[k][next]);
       put<Stream>(out + e, map.vec(e, mixed));
+      advance();
     }
-    for (; e < end; ++e) one(e);
+    for (; e < end; ++e) {
+      if (e == segment_end) advance();
+      out[e] = static_cast<T>(map.one(e, ks));
+    }
     return;
   }
   // Locals, not the struct's fields: stores through `out` could alias those for the compiler.

@@ -37,7 +37,7 @@ int64_t l3_cache_bytes() {
 
 int64_t default_stream_threshold() {
   const int64_t l3 = l3_cache_bytes();
-  return l3 > 0 ? l3 / 2 : int64_t{8} << 20;
+  return l3 > 0 ? l3 / 4 : int64_t{8} << 20;
 }
 
 bool cpu_has(const std::string& isa) {
