@@ -364,7 +364,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
 
   if (p.row_family) {
     // Lane j of the piece is element (c0 + j / inner, j % inner) of every row: one accumulator
-    // per lane, rows added in order, four rows per accumulator load.
+    // per lane, rows added in order.
     const int64_t width = (c1 - c0) * g.inner;
     const int64_t vec_width = width - width % kDoublesPerVec;
     double* acc_a = s.acc_a;
@@ -376,27 +376,26 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     }
     for (int64_t j = 0; j < width; ++j) acc_a[j] = acc_b[j] = 0.0;
     const int64_t base = c0 * g.inner;
-    // Four rows are read side by side, so each page holds several short streams that hardware
-    // prefetchers pick up late: prefetch the rows some 16 KiB ahead.
+    // kRows rows are read side by side (one accumulator load and store per kRows rows), so each
+    // page holds several short streams that hardware prefetchers pick up late: prefetch the rows
+    // some 16 KiB ahead.
+    constexpr int64_t kRows = 8;
     const int64_t piece_bytes = width * static_cast<int64_t>(sizeof(*terms.x));
-    const int64_t ahead = 4 * max64(1, ceil_div(kPrefetchAheadBytes, 4 * piece_bytes));
+    const int64_t ahead = kRows * max64(1, ceil_div(kPrefetchAheadBytes, kRows * piece_bytes));
     int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) {
+    for (; o + kRows <= o1; o += kRows) {
       const int64_t r = o * row_stride + base;
-      for (int64_t k = ahead; k < ahead + 4 && o + k < o1; ++k)
+      for (int64_t k = ahead; k < ahead + kRows && o + k < o1; ++k)
         terms.prefetch(r + k * row_stride, width);
       for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
         vd a = load<vd>(acc_a + j), b = load<vd>(acc_b + j);
         const vd sh = load<vd>(lane_shift + j);
-        terms.vec(r + j, sh, a, b);
-        terms.vec(r + row_stride + j, sh, a, b);
-        terms.vec(r + 2 * row_stride + j, sh, a, b);
-        terms.vec(r + 3 * row_stride + j, sh, a, b);
+        for (int64_t k = 0; k < kRows; ++k) terms.vec(r + k * row_stride + j, sh, a, b);
         store(acc_a + j, a);
         store(acc_b + j, b);
       }
       for (int64_t j = vec_width; j < width; ++j)
-        for (int64_t k = 0; k < 4; ++k)
+        for (int64_t k = 0; k < kRows; ++k)
           terms.one(r + k * row_stride + j, lane_shift[j], acc_a[j], acc_b[j]);
     }
     for (; o < o1; ++o) {
