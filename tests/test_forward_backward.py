@@ -521,3 +521,19 @@ def test_concurrent_calls_from_python_threads():
     for i, (a, b) in enumerate(zip(sequential, concurrent)):
         for u, v in zip(a, b):
             assert np.array_equal(u, v), f"case {i} differs when run concurrently"
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 0), (0, 4, 5), (2, 4, 0, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_size_inner_or_batch(shape, training):
+    """Empty tensors (also with an empty spatial axis) give empty outputs and touch no buffer."""
+    x = np.zeros(shape, np.float32)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y, _, _ = bnc.batch_norm_forward(x, running_mean=rm, running_var=rv, training=training)
+    assert y.shape == shape
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+    dx, gw, gb = bnc.batch_norm_backward(x, x, rm, rv, training=training)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(gw, 0)
+    np.testing.assert_array_equal(gb, 0)

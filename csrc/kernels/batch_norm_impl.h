@@ -381,7 +381,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     // some 16 KiB ahead.
     constexpr int64_t kRows = 8;
     const int64_t piece_bytes = width * static_cast<int64_t>(sizeof(*terms.x));
-    const int64_t ahead = kRows * max64(1, ceil_div(kPrefetchAheadBytes, kRows * piece_bytes));
+    const int64_t ahead = kRows * max64(1, ceil_div(kPrefetchAheadBytes, max64(1, kRows * piece_bytes)));
     int64_t o = o0;
     for (; o + kRows <= o1; o += kRows) {
       const int64_t r = o * row_stride + base;
@@ -575,6 +575,7 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
   constexpr int K = Map::kCoefs;
   constexpr int64_t W = kVecElems<T>;
   constexpr uintptr_t kAlign = sizeof(typename Types<T>::RawForVec);
+  if (e >= end) return;  // also keeps empty tensors (inner == 0) away from the divisions below
   T* const out = map.out;
   auto aligned = [&](int64_t at) {
     return !Stream || reinterpret_cast<uintptr_t>(out + at) % kAlign == 0;
