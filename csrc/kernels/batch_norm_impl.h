@@ -204,7 +204,7 @@ inline bool is_finite(double v) { return __builtin_isfinite(v); }
 // vectorize along it with 16 lanes per channel ("segment family").
 constexpr int64_t kSegmentMinInner = 64;
 // Most accumulator lanes one task keeps (row family), so they stay in L1.
-constexpr int64_t kChunkElems = 2048;
+constexpr int64_t kChunkElems = 4096;
 // Contiguous bytes a task reads per row at least, so hardware prefetch works.
 constexpr int64_t kMinRunBytes = 4096;
 // A chunk whose whole data is at most this is reduced and applied by one task while in L2.
