@@ -69,3 +69,44 @@ def test_fuzz_against_reference(case):
     finally:
         bnc.set_num_threads(old)
 
+
+
+@st.composite
+def _large_case(draw):
+    """Few rows, many channels or long segments: C up to thousands, inner up to 1e5 (total kept
+    under ~4e5 elements so the float64 reference stays quick), random momentum and eps."""
+    channels = draw(st.sampled_from([1, 2, 3, 17, 256, 1000, 2049, 4096]))
+    budget = 400_000 // channels
+    inner = draw(st.integers(1, min(100_000, max(1, budget // 2))))
+    outer = draw(st.integers(2, max(2, min(64, budget // inner))))
+    layout = draw(st.sampled_from(["first", "last", "reversed"]))
+    return dict(
+        channels=channels, inner=inner, outer=outer, layout=layout,
+        dtype=draw(st.sampled_from(DTYPES)),
+        training=draw(st.booleans()),
+        momentum=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]) | st.floats(0.0, 1.0)),
+        eps=draw(st.sampled_from([1e-5, 1e-3, 1.0]) | st.floats(1e-8, 10.0)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(case=_large_case())
+def test_fuzz_large_channels_and_segments(case):
+    rng = np.random.default_rng(case["seed"])
+    c, inner, outer = case["channels"], case["inner"], case["outer"]
+    dtype = case["dtype"]
+    base = (rng.normal(0, 5) + rng.uniform(0.5, 3) * rng.standard_normal((outer, c, inner)))
+    if case["layout"] == "first":  # (N, C, L), channel axis 1
+        x, axis = base.astype(dtype), 1
+    elif case["layout"] == "last":  # (N, L, C) channels-last, contiguous
+        x, axis = np.ascontiguousarray(base.transpose(0, 2, 1)).astype(dtype), -1
+    else:  # a negative-stride view along the segment axis
+        x, axis = base.astype(dtype)[:, :, ::-1], 1
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w = rng.uniform(-2, 2, c).astype(dtype if dtype != np.float16 else np.float32)
+    b = rng.standard_normal(c).astype(w.dtype)
+    rm, rv = rng.standard_normal(c).astype(w.dtype), rng.uniform(0.5, 2, c).astype(w.dtype)
+    check_against_reference(x, dy, w, b, rm, rv, training=case["training"], axis=axis,
+                            momentum=case["momentum"], eps=case["eps"])

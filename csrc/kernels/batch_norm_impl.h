@@ -181,7 +181,7 @@ inline double lane_sum(const double* lanes) {
 // (often several pages), and hardware prefetchers do not follow such jumps. Long pieces are left
 // to the hardware prefetcher.
 constexpr int64_t kPrefetchMaxBytes = 16 * 1024;
-constexpr int64_t kPrefetchAheadBytes = 16 * 1024;
+constexpr int64_t kPrefetchAheadBytes = 32 * 1024;
 
 template <class T>
 inline void prefetch_piece(const T* p, int64_t count) {
@@ -378,7 +378,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     const int64_t base = c0 * g.inner;
     // kRows rows are read side by side (one accumulator load and store per kRows rows), so each
     // page holds several short streams that hardware prefetchers pick up late: prefetch the rows
-    // some 16 KiB ahead.
+    // kPrefetchAheadBytes ahead.
     constexpr int64_t kRows = 8;
     const int64_t piece_bytes = width * static_cast<int64_t>(sizeof(*terms.x));
     const int64_t ahead = kRows * max64(1, ceil_div(kPrefetchAheadBytes, max64(1, kRows * piece_bytes)));
