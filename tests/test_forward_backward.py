@@ -537,3 +537,27 @@ def test_zero_size_inner_or_batch(shape, training):
     assert dx.shape == shape
     np.testing.assert_array_equal(gw, 0)
     np.testing.assert_array_equal(gb, 0)
+
+
+@pytest.mark.parametrize("offset", [0.5, 3.0, 1e4, -1e6])
+@pytest.mark.parametrize("shape,axis", [((64, 16), 1), ((8, 16, 7, 7), 1), ((8, 5, 5, 16), -1)])
+def test_eval_accuracy_near_and_far_from_zero(offset, shape, axis):
+    """Inference output within a few float32 ulps of the float64 truth, whether the running mean
+    is near zero (y = x*scale + offset form) or far from it (split-mean form; PyTorch's form loses
+    about offset * 6e-8 there)."""
+    rng = np.random.default_rng(3)
+    c = shape[axis]
+    std = rng.uniform(0.5, 2.0, c)
+    running_mean = (offset * std).astype(np.float32)
+    running_var = (std**2).astype(np.float32)
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    x = (running_mean.astype(np.float64).reshape(bshape)
+         + std.reshape(bshape) * rng.standard_normal(shape)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    y, _, _ = bnc.batch_norm_forward(x, w, b, running_mean, running_var, training=False, axis=axis)
+    invstd = 1 / np.sqrt(running_var.astype(np.float64) + 1e-5)
+    exact = ((x.astype(np.float64) - running_mean.reshape(bshape)) * (invstd * w).reshape(bshape)
+             + b.reshape(bshape))
+    assert np.abs(y - exact).max() <= 2e-6 * (1 + np.abs(exact).max())
