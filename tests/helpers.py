@@ -13,15 +13,17 @@ DTYPES = [np.float32, np.float64]
 
 
 def make_inputs(shape, axis, dtype, seed=0, offset=3.0):
-    """x with a mean of a few units, dy, and per-channel weight, bias and running stats."""
+    """x with a mean of a few units, dy, and per-channel weight, bias and running stats (in the
+    parameter dtype: float32 for float16 input)."""
     rng = np.random.default_rng(seed)
     c = shape[axis]
+    p = np.float32 if dtype == np.float16 else dtype
     x = (offset + 2.0 * rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    w = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(dtype)
-    b = rng.standard_normal(c).astype(dtype)
-    rm = rng.standard_normal(c).astype(dtype)
-    rv = rng.uniform(0.5, 2.0, c).astype(dtype)
+    w = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(p)
+    b = rng.standard_normal(c).astype(p)
+    rm = rng.standard_normal(c).astype(p)
+    rv = rng.uniform(0.5, 2.0, c).astype(p)
     return x, dy, w, b, rm, rv
 
 

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import reference
+from helpers import make_inputs
 
 import bnc
 from bnc import _core
@@ -67,16 +68,7 @@ def exact_stats(x, axis):
 
 def _inputs(shape, axis, dtype, seed, offset=1.5):
     """x, dy, weight, bias, running_mean, running_var; per-channel arrays in the param dtype."""
-    rng = np.random.default_rng(seed)
-    c = shape[axis]
-    p = F32 if dtype == F16 else dtype
-    x = (offset + 2.0 * rng.standard_normal(shape)).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    w = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(p)
-    b = rng.standard_normal(c).astype(p)
-    rm = rng.standard_normal(c).astype(p)
-    rv = rng.uniform(0.5, 2.0, c).astype(p)
-    return x, dy, w, b, rm, rv
+    return make_inputs(shape, axis, dtype, seed=seed, offset=offset)
 
 
 def _run_everything(x, dy, w, b, rm, rv, axis, make_out=None):

@@ -138,7 +138,8 @@ inline vd load_vd(const float* p) {
 #elif BNC_VEC_BYTES == 32
   return reinterpret_cast<vd>(_mm256_cvtps_pd(_mm_loadu_ps(p)));
 #else
-  return reinterpret_cast<vd>(_mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
+  return reinterpret_cast<vd>(
+      _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i_u*>(p)))));
 #endif
 }
 #endif
@@ -352,14 +353,21 @@ inline Scratch scratch_for(double* base, int tid) {
 }
 
 // Reduces task (chunk, row_block): writes the chunk's per-channel sums to out_a/out_b.
+// The channels [c0, c1) and rows [o0, o1) of task (chunk, row_block).
+struct TaskBounds {
+  int64_t c0, c1, o0, o1;
+  TaskBounds(const Plan& p, int64_t chunk, int64_t row_block)
+      : c0(chunk * p.chunk_channels),
+        c1(min64(p.g.channels, c0 + p.chunk_channels)),
+        o0(row_block * p.rows_per_block),
+        o1(min64(p.g.outer, o0 + p.rows_per_block)) {}
+};
+
 template <class Terms>
 void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_t chunk,
                  int64_t row_block, const Scratch& s, double* out_a, double* out_b) {
   const Geometry& g = p.g;
-  const int64_t c0 = chunk * p.chunk_channels;
-  const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
-  const int64_t o0 = row_block * p.rows_per_block;
-  const int64_t o1 = min64(g.outer, o0 + p.rows_per_block);
+  const auto [c0, c1, o0, o1] = TaskBounds(p, chunk, row_block);
   const int64_t row_stride = g.channels * g.inner;
 
   if (p.row_family) {
@@ -659,10 +667,7 @@ template <bool Stream, class T, class Map>
 void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block) {
   const Geometry& g = p.g;
-  const int64_t c0 = chunk * p.chunk_channels;
-  const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
-  const int64_t o0 = row_block * p.rows_per_block;
-  const int64_t o1 = min64(g.outer, o0 + p.rows_per_block);
+  const auto [c0, c1, o0, o1] = TaskBounds(p, chunk, row_block);
   const int64_t row = g.channels * g.inner;
   if (p.num_chunks == 1) {
     apply_range<Stream, T>(g, map, coefs, lanes, o0 * row, o1 * row);
