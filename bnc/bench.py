@@ -120,7 +120,8 @@ class _Setup:
     def _torch_impls(torch, x, dy, y, dx, weight, bias, axis):
         def nchw(a: np.ndarray):
             t = torch.from_numpy(a)
-            if axis != 1 and a.ndim > 2:  # channels-last: torch sees NCHW with channels_last strides
+            # channels-last: torch sees NCHW with channels_last strides
+            if axis != 1 and a.ndim > 2:
                 t = t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
             return t
 
@@ -143,7 +144,9 @@ class _Setup:
         }
 
 
-def _time_interleaved(impls: Dict[str, Callable[[], object]], repeats: Dict[str, int]) -> Dict[str, float]:
+def _time_interleaved(
+    impls: Dict[str, Callable[[], object]], repeats: Dict[str, int]
+) -> Dict[str, float]:
     """Median seconds per implementation; calls interleaved so drifts hit all alike."""
     for fn in impls.values():
         fn()  # warm-up: first touch of outputs, caches, thread pools
@@ -222,7 +225,8 @@ def summarize(rows: List[dict]) -> dict:
             [ops["eval"]["speedup_vs_torch"] for ops in by_case.values()])
         slowest = min(rows, key=lambda r: r["speedup_vs_torch"])
         summary["slowest_vs_torch"] = {
-            "case": f'{slowest["case"]} {tuple(slowest["shape"])} {slowest["dtype"]} {slowest["op"]}',
+            "case": (f'{slowest["case"]} {tuple(slowest["shape"])} {slowest["dtype"]} '
+                     f'{slowest["op"]}'),
             "speedup": slowest["speedup_vs_torch"]}
     big_train = [r["fraction_of_bound"] for r in rows if r["op"] == "train" and r["mbytes"] >= 16]
     if big_train:
@@ -255,7 +259,8 @@ def format_table(result: dict) -> str:
     if "train_fwd_bwd_geomean_vs_torch" in s:
         lines.append(f"training forward+backward vs torch, geometric mean: "
                      f"{s['train_fwd_bwd_geomean_vs_torch']:.2f}x")
-        lines.append(f"inference forward vs torch, geometric mean: {s['eval_geomean_vs_torch']:.2f}x")
+        lines.append(f"inference forward vs torch, geometric mean: "
+                     f"{s['eval_geomean_vs_torch']:.2f}x")
         lines.append(f"slowest case vs torch: {s['slowest_vs_torch']['case']} "
                      f"{s['slowest_vs_torch']['speedup']:.2f}x")
     if "train_fwd_min_fraction_of_bound_16MB_plus" in s:

@@ -61,7 +61,9 @@ def normalize_axis(axis: object, ndim: int) -> int:
         raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis: expected an axis of a {ndim}-D input in [{-ndim}, {ndim}), got {axis}")
+        raise ValueError(
+            f"axis: expected an axis of a {ndim}-D input in [{-ndim}, {ndim}), got {axis}"
+        )
     return axis % ndim
 
 
@@ -178,7 +180,9 @@ def batch_norm_forward(
     pdtype = param_dtype(x.dtype)
     weight = _check_per_channel(weight, "weight", channels, pdtype)
     bias = _check_per_channel(bias, "bias", channels, pdtype)
-    running_mean = _check_per_channel(running_mean, "running_mean", channels, pdtype, writeable=True)
+    running_mean = _check_per_channel(
+        running_mean, "running_mean", channels, pdtype, writeable=True
+    )
     running_var = _check_per_channel(running_var, "running_var", channels, pdtype, writeable=True)
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)

@@ -167,7 +167,10 @@ class _BatchNorm:
         return tuple(names)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
-        """Copies of the state under PyTorch's key names and shapes (num_batches_tracked: 0-d int64)."""
+        """Copies of the state, with PyTorch's key names and shapes.
+
+        num_batches_tracked is a 0-d int64 array.
+        """
         state = {}
         for name in self._state_names():
             if name == "num_batches_tracked":
@@ -204,7 +207,8 @@ class _BatchNorm:
                     )
                 if value.shape not in ((), (1,)):
                     raise ValueError(
-                        f"num_batches_tracked: expected a 0-d integer array, got shape {value.shape}"
+                        "num_batches_tracked: expected a 0-d integer array, got shape "
+                        f"{value.shape}"
                     )
                 values[name] = int(value.reshape(()))
                 continue
