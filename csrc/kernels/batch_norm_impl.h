@@ -128,14 +128,13 @@ template <class T>
 inline vd load_vd(const T* p) {
   return __builtin_convertvector(load<typename Types<T>::RawForVd>(p), vd);
 }
-#if defined(__x86_64__)
+#if defined(__x86_64__) && BNC_VEC_BYTES <= 32
 // GCC 12 lowers the float -> double __builtin_convertvector through two half-width conversions;
-// one instruction does it.
+// one instruction does it. (Not for AVX-512: GCC 12's _mm512_cvtps_pd trips
+// -Wmaybe-uninitialized in its own header.)
 template <>
 inline vd load_vd(const float* p) {
-#if BNC_VEC_BYTES == 64
-  return reinterpret_cast<vd>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
-#elif BNC_VEC_BYTES == 32
+#if BNC_VEC_BYTES == 32
   return reinterpret_cast<vd>(_mm256_cvtps_pd(_mm_loadu_ps(p)));
 #else
   return reinterpret_cast<vd>(
