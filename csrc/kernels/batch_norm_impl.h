@@ -354,6 +354,41 @@ inline Scratch scratch_for(double* base, int tid) {
 }
 
 // Reduces task (chunk, row_block): writes the chunk's per-channel sums to out_a/out_b.
+// One chunk's piece of every row, as the row family's reduce sees it: lane j is element
+// base + j of each row; acc_a/acc_b hold one accumulator per lane.
+struct RowPiece {
+  int64_t base, row_stride, width, vec_width;
+  const double* lane_shift;
+  double* acc_a;
+  double* acc_b;
+};
+
+// Adds rows o, o + 1, ... (while Rows more fit below o1) to the lane accumulators, Rows rows per
+// accumulator load and store; returns the first row not added.
+template <int64_t Rows, class Terms>
+int64_t add_rows(const Terms& terms, const RowPiece& q, int64_t o, int64_t o1, bool prefetch) {
+  const int64_t piece_bytes = q.width * static_cast<int64_t>(sizeof(*terms.x));
+  const int64_t ahead =
+      Rows * max64(1, ceil_div(kPrefetchAheadBytes, max64(1, Rows * piece_bytes)));
+  for (; o + Rows <= o1; o += Rows) {
+    const int64_t r = o * q.row_stride + q.base;
+    if (prefetch)
+      for (int64_t k = ahead; k < ahead + Rows && o + k < o1; ++k)
+        terms.prefetch(r + k * q.row_stride, q.width);
+    for (int64_t j = 0; j < q.vec_width; j += kDoublesPerVec) {
+      vd a = load<vd>(q.acc_a + j), b = load<vd>(q.acc_b + j);
+      const vd sh = load<vd>(q.lane_shift + j);
+      for (int64_t k = 0; k < Rows; ++k) terms.vec(r + k * q.row_stride + j, sh, a, b);
+      store(q.acc_a + j, a);
+      store(q.acc_b + j, b);
+    }
+    for (int64_t j = q.vec_width; j < q.width; ++j)
+      for (int64_t k = 0; k < Rows; ++k)
+        terms.one(r + k * q.row_stride + j, q.lane_shift[j], q.acc_a[j], q.acc_b[j]);
+  }
+  return o;
+}
+
 // The channels [c0, c1) and rows [o0, o1) of task (chunk, row_block).
 struct TaskBounds {
   int64_t c0, c1, o0, o1;
@@ -385,42 +420,17 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     }
     for (int64_t j = 0; j < width; ++j) acc_a[j] = acc_b[j] = 0.0;
     const int64_t base = c0 * g.inner;
-    // kRows rows are read side by side: one accumulator load and store per kRows rows (measured:
-    // 4 beats 1 and 8). When the chunk is only part of a row, its pieces are a row apart, which
-    // hardware prefetchers do not follow: prefetch the pieces kPrefetchAheadBytes ahead. (Whole
-    // rows are contiguous; prefetching them measured slower.)
-    constexpr int64_t kRows = 4;
+    // Rows are read side by side, Rows of them per accumulator load and store: measured best
+    // with 8 for pieces of 1 KiB and more, 4 for shorter ones (results do not depend on it: each
+    // lane still adds its rows in order). When the chunk is only part of a row, its pieces are a
+    // row apart, which hardware prefetchers do not follow: prefetch them kPrefetchAheadBytes
+    // ahead. (Whole rows are contiguous; prefetching them measured slower.)
     const int64_t piece_bytes = width * static_cast<int64_t>(sizeof(*terms.x));
-    const int64_t ahead =
-        kRows * max64(1, ceil_div(kPrefetchAheadBytes, max64(1, kRows * piece_bytes)));
-    int64_t o = o0;
-    for (; o + kRows <= o1; o += kRows) {
-      const int64_t r = o * row_stride + base;
-      if (p.num_chunks > 1)
-        for (int64_t k = ahead; k < ahead + kRows && o + k < o1; ++k)
-          terms.prefetch(r + k * row_stride, width);
-      for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
-        vd a = load<vd>(acc_a + j), b = load<vd>(acc_b + j);
-        const vd sh = load<vd>(lane_shift + j);
-        for (int64_t k = 0; k < kRows; ++k) terms.vec(r + k * row_stride + j, sh, a, b);
-        store(acc_a + j, a);
-        store(acc_b + j, b);
-      }
-      for (int64_t j = vec_width; j < width; ++j)
-        for (int64_t k = 0; k < kRows; ++k)
-          terms.one(r + k * row_stride + j, lane_shift[j], acc_a[j], acc_b[j]);
-    }
-    for (; o < o1; ++o) {
-      const int64_t r = o * row_stride + base;
-      for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
-        vd a = load<vd>(acc_a + j), b = load<vd>(acc_b + j);
-        terms.vec(r + j, load<vd>(lane_shift + j), a, b);
-        store(acc_a + j, a);
-        store(acc_b + j, b);
-      }
-      for (int64_t j = vec_width; j < width; ++j)
-        terms.one(r + j, lane_shift[j], acc_a[j], acc_b[j]);
-    }
+    const RowPiece piece{base, row_stride, width, vec_width, lane_shift, acc_a, acc_b};
+    const bool prefetch = p.num_chunks > 1;
+    int64_t o = piece_bytes >= 1024 ? add_rows<8>(terms, piece, o0, o1, prefetch)
+                                    : add_rows<4>(terms, piece, o0, o1, prefetch);
+    add_rows<1>(terms, piece, o, o1, false);
     for (int64_t c = c0; c < c1; ++c) {
       double sum_a = 0.0, sum_b = 0.0;
       const int64_t first = (c - c0) * g.inner;
