@@ -20,6 +20,9 @@ def select_isa_from_environment() -> None:
         ) from None
 
 
+MAX_THREADS = 4096  # more is a mistake, not a machine (libgomp aborts on absurd counts)
+
+
 def set_num_threads(n: int) -> None:
     """Sets the number of threads the kernels use (default: ``OMP_NUM_THREADS`` or all cores).
 
@@ -27,8 +30,8 @@ def set_num_threads(n: int) -> None:
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n: expected a thread count >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n: expected a thread count from 1 to {MAX_THREADS}, got {n}")
     _core.set_num_threads(int(n))
 
 

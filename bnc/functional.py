@@ -174,16 +174,54 @@ def batch_norm_forward(
         ``(y, save_mean, save_invstd)``: y like x; save_mean and save_invstd of shape (C,), the mean
         and 1/sqrt(var + eps) used to normalize (the running ones when ``training=False``).
     """
+    y, save_mean, save_invstd, skipped = forward_counting_skips(
+        x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+        eps=eps, axis=axis, out=out,
+    )
+    if skipped:
+        warn_skipped(skipped, save_mean.shape[0], stacklevel=3)
+    return y, save_mean, save_invstd
+
+
+def warn_skipped(skipped: int, channels: int, stacklevel: int = 2) -> None:
+    """The RuntimeWarning for channels whose running statistics were not updated."""
+    warnings.warn(
+        f"bnc: batch statistics of {skipped} of {channels} channels are not finite (NaN or "
+        "Inf in the input); their running statistics were not updated",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def forward_counting_skips(
+    x: np.ndarray,
+    weight: Optional[np.ndarray] = None,
+    bias: Optional[np.ndarray] = None,
+    running_mean: Optional[np.ndarray] = None,
+    running_var: Optional[np.ndarray] = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``batch_norm_forward`` without the warning: also returns the number of channels whose
+    running statistics were not updated (non-finite batch statistics), for callers that update
+    their own state before warning (the modules)."""
     x = check_input(x)
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
     pdtype = param_dtype(x.dtype)
     weight = _check_per_channel(weight, "weight", channels, pdtype)
     bias = _check_per_channel(bias, "bias", channels, pdtype)
+    # Updated in place when training; only read (and so may be strided or read-only) otherwise.
     running_mean = _check_per_channel(
-        running_mean, "running_mean", channels, pdtype, writeable=True
+        running_mean, "running_mean", channels, pdtype, writeable=training
     )
-    running_var = _check_per_channel(running_var, "running_var", channels, pdtype, writeable=True)
+    running_var = _check_per_channel(
+        running_var, "running_var", channels, pdtype, writeable=training
+    )
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
     if not training and (running_mean is None or running_var is None):
@@ -197,32 +235,26 @@ def batch_norm_forward(
     save_invstd = np.empty(channels, pdtype)
     per_channel = x.size // channels if channels else 0
 
-    if training:
-        if per_channel == 0:
-            # Empty batch: empty output, nothing updated (as PyTorch). No statistics exist.
-            save_mean.fill(np.nan)
-            save_invstd.fill(np.nan)
-            return out, save_mean, save_invstd
-        if per_channel == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.shape}"
-            )
-        skipped = _core.forward_train(
-            x, out, weight, bias, running_mean, running_var, axis, eps, momentum, save_mean,
-            save_invstd,
-        )
-        if skipped and (running_mean is not None or running_var is not None):
-            warnings.warn(
-                f"bnc: batch statistics of {skipped} of {channels} channels are not finite (NaN or "
-                "Inf in the input); their running statistics were not updated",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    else:
+    if not training:
         _core.forward_eval(
             x, out, weight, bias, running_mean, running_var, axis, eps, save_mean, save_invstd
         )
-    return out, save_mean, save_invstd
+        return out, save_mean, save_invstd, 0
+    if per_channel == 0:
+        # Empty batch: empty output, nothing updated (as PyTorch). No statistics exist.
+        save_mean.fill(np.nan)
+        save_invstd.fill(np.nan)
+        return out, save_mean, save_invstd, 0
+    if per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.shape}"
+        )
+    skipped = _core.forward_train(
+        x, out, weight, bias, running_mean, running_var, axis, eps, momentum, save_mean,
+        save_invstd,
+    )
+    tracking = running_mean is not None or running_var is not None
+    return out, save_mean, save_invstd, skipped if tracking else 0
 
 
 def batch_norm_backward(

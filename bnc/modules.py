@@ -7,7 +7,7 @@ for ``backward``. All computation is in ``bnc.functional`` and the C++ kernels.
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -120,7 +120,7 @@ class _BatchNorm:
         momentum = self.momentum
         if update and momentum is None:  # cumulative moving average
             momentum = 1.0 / (self.num_batches_tracked + 1)
-        y, save_mean, save_invstd = F.batch_norm_forward(
+        y, save_mean, save_invstd, skipped = F.forward_counting_skips(
             x,
             self.weight,
             self.bias,
@@ -134,6 +134,8 @@ class _BatchNorm:
         if update:
             self.num_batches_tracked += 1
         self._saved = (x, save_mean, save_invstd, use_batch_stats)
+        if skipped:  # after the state is complete: the warning may be raised as an error
+            F.warn_skipped(skipped, self.num_features, stacklevel=3)
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -179,18 +181,23 @@ class _BatchNorm:
                 state[name] = getattr(self, name).copy()
         return state
 
-    def load_state_dict(self, state_dict: Dict[str, object], strict: bool = True) -> None:
+    def load_state_dict(
+        self, state_dict: Dict[str, object], strict: bool = True
+    ) -> Tuple[List[str], List[str]]:
         """Loads a state dict such as ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``.
 
-        Everything is checked before anything is written: missing keys (and, with ``strict``,
-        unexpected ones), shapes and dtypes raise and leave the module unchanged.
+        Everything is checked before anything is written: with ``strict`` (the default) missing
+        or unexpected keys raise ``ValueError``; without it, the keys present are loaded and the
+        others ignored, as in PyTorch. Wrong shapes (``ValueError``) and dtypes (``TypeError``:
+        nothing is cast) raise and leave the module unchanged. Returns ``(missing_keys,
+        unexpected_keys)``.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
         names = self._state_names()
         missing = [k for k in names if k not in state_dict]
         unexpected = [k for k in state_dict if k not in names]
-        if missing or (strict and unexpected):
+        if strict and (missing or unexpected):
             parts = []
             if missing:
                 parts.append(f"missing keys {missing}")
@@ -199,6 +206,8 @@ class _BatchNorm:
             raise ValueError(f"state_dict: expected keys {list(names)}, got {'; '.join(parts)}")
         values = {}
         for name in names:
+            if name in missing:
+                continue
             value = np.asarray(state_dict[name])
             if name == "num_batches_tracked":
                 if value.dtype.kind not in "iu":
@@ -224,6 +233,7 @@ class _BatchNorm:
                 self.num_batches_tracked = value
             else:
                 np.copyto(getattr(self, name), value)
+        return missing, unexpected
 
     def __repr__(self) -> str:
         return (

@@ -22,6 +22,9 @@ namespace {
 using bnc::Geometry;
 using bnc::half;
 
+// More threads than this is a mistake, not a machine (and libgomp aborts on absurd counts).
+constexpr int kMaxThreads = 4096;
+
 template <class U>
 struct DtypeOf;
 template <>
@@ -175,12 +178,17 @@ int64_t forward_train_typed(const bnc::KernelSet<T, P>& k, const py::array& x, p
                     {"running_mean", &brm}, {"running_var", &brv}, {"save_mean", &bsm},
                     {"save_invstd", &bsi}});
   const int threads = bnc::get_num_threads();
+  // Pointers are taken with the GIL held; then the kernel runs without it.
+  const T* x_ptr = in_ptr<T>(bx);
+  T* y_ptr = out_ptr<T>(by);
+  const P *w_ptr = in_ptr<P>(bw), *b_ptr = in_ptr<P>(bb);
+  P *rm_ptr = out_ptr<P>(brm), *rv_ptr = out_ptr<P>(brv);
+  P *sm_ptr = out_ptr<P>(bsm), *si_ptr = out_ptr<P>(bsi);
   int64_t skipped;
   {
     py::gil_scoped_release release;
-    skipped = k.forward_train(in_ptr<T>(bx), out_ptr<T>(by), g, in_ptr<P>(bw), in_ptr<P>(bb), eps,
-                              momentum, out_ptr<P>(brm), out_ptr<P>(brv), out_ptr<P>(bsm),
-                              out_ptr<P>(bsi), threads);
+    skipped = k.forward_train(x_ptr, y_ptr, g, w_ptr, b_ptr, eps, momentum, rm_ptr, rv_ptr, sm_ptr,
+                              si_ptr, threads);
   }
   raise_if_out_of_memory(skipped);
   return skipped;
@@ -206,11 +214,15 @@ void forward_eval_typed(const bnc::KernelSet<T, P>& k, const py::array& x, py::h
                     {"running_mean", &brm}, {"running_var", &brv}, {"save_mean", &bsm},
                     {"save_invstd", &bsi}});
   const int threads = bnc::get_num_threads();
+  const T* x_ptr = in_ptr<T>(bx);
+  T* y_ptr = out_ptr<T>(by);
+  const P *w_ptr = in_ptr<P>(bw), *b_ptr = in_ptr<P>(bb);
+  const P *rm_ptr = in_ptr<P>(brm), *rv_ptr = in_ptr<P>(brv);
+  P *sm_ptr = out_ptr<P>(bsm), *si_ptr = out_ptr<P>(bsi);
   int64_t status;
   {
     py::gil_scoped_release release;
-    status = k.forward_eval(in_ptr<T>(bx), out_ptr<T>(by), g, in_ptr<P>(bw), in_ptr<P>(bb),
-                            in_ptr<P>(brm), in_ptr<P>(brv), eps, out_ptr<P>(bsm), out_ptr<P>(bsi),
+    status = k.forward_eval(x_ptr, y_ptr, g, w_ptr, b_ptr, rm_ptr, rv_ptr, eps, sm_ptr, si_ptr,
                             threads);
   }
   raise_if_out_of_memory(status);
@@ -235,11 +247,14 @@ void backward_typed(const bnc::KernelSet<T, P>& k, const py::array& dy, py::hand
                     {"save_invstd", &bsi}, {"weight", &bw}, {"grad_weight", &bgw},
                     {"grad_bias", &bgb}});
   const int threads = bnc::get_num_threads();
+  const T *dy_ptr = in_ptr<T>(bdy), *x_ptr = in_ptr<T>(bx);
+  T* dx_ptr = out_ptr<T>(bdx);
+  const P *sm_ptr = in_ptr<P>(bsm), *si_ptr = in_ptr<P>(bsi), *w_ptr = in_ptr<P>(bw);
+  P *gw_ptr = out_ptr<P>(bgw), *gb_ptr = out_ptr<P>(bgb);
   int64_t status;
   {
     py::gil_scoped_release release;
-    status = k.backward(in_ptr<T>(bdy), in_ptr<T>(bx), out_ptr<T>(bdx), g, in_ptr<P>(bsm),
-                        in_ptr<P>(bsi), in_ptr<P>(bw), training, out_ptr<P>(bgw), out_ptr<P>(bgb),
+    status = k.backward(dy_ptr, x_ptr, dx_ptr, g, sm_ptr, si_ptr, w_ptr, training, gw_ptr, gb_ptr,
                         threads);
   }
   raise_if_out_of_memory(status);
@@ -364,7 +379,9 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "set_num_threads",
       [](int n) {
-        if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
+        if (n < 1 || n > kMaxThreads)
+          throw py::value_error("n: expected a thread count from 1 to " +
+                                std::to_string(kMaxThreads) + ", got " + std::to_string(n));
         bnc::set_num_threads(n);
       },
       py::arg("n"));

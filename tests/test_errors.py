@@ -293,16 +293,20 @@ def test_constructor_arguments(kwargs, exc, fragment):
 
 def test_set_num_threads_arguments(restore_num_threads):
     before = bnc.get_num_threads()
-    with raises(ValueError, "n: expected a thread count >= 1, got 0"):
+    with raises(ValueError, "n: expected a thread count from 1 to 4096, got 0"):
         bnc.set_num_threads(0)
-    with raises(ValueError, "n: expected a thread count >= 1, got -3"):
+    with raises(ValueError, "n: expected a thread count from 1 to 4096, got -3"):
         bnc.set_num_threads(-3)
     with raises(TypeError, "n: expected an int, got float"):
         bnc.set_num_threads(2.0)
     with raises(TypeError, "n: expected an int, got bool"):
         bnc.set_num_threads(True)
-    with raises(ValueError, "n: expected a thread count >= 1, got 0"):
+    with raises(ValueError, "n: expected a thread count from 1 to 4096, got 0"):
         _core.set_num_threads(0)
+    with raises(ValueError, "n: expected a thread count from 1 to 4096, got 2147483647"):
+        bnc.set_num_threads(2**31 - 1)
+    with raises(ValueError, "n: expected a thread count from 1 to 4096, got 5000"):
+        _core.set_num_threads(5000)
     assert bnc.get_num_threads() == before
 
 
@@ -591,8 +595,14 @@ def test_load_state_dict_missing_key(missing):
     del state[missing]
     with module_unchanged(m), raises(ValueError, f"missing keys ['{missing}']"):
         m.load_state_dict(state)
-    with module_unchanged(m), raises(ValueError, f"missing keys ['{missing}']"):
-        m.load_state_dict(state, strict=False)
+    # strict=False: as PyTorch, the keys present load and the missing one is left as it was
+    other = trained(bnc.BatchNorm2d)
+    before = other.state_dict()
+    assert other.load_state_dict(state, strict=False) == ([missing], [])
+    after = other.state_dict()
+    np.testing.assert_array_equal(after[missing], before[missing])
+    for key in state:
+        np.testing.assert_array_equal(after[key], state[key])
 
 
 def test_load_state_dict_unexpected_key_and_bad_container():
@@ -600,7 +610,7 @@ def test_load_state_dict_unexpected_key_and_bad_container():
     state = _good_state(trained(bnc.BatchNorm2d))  # has weight and bias
     with module_unchanged(m), raises(ValueError, "unexpected keys ['weight', 'bias']"):
         m.load_state_dict(state)
-    m.load_state_dict(state, strict=False)  # extra keys are ignored when not strict
+    assert m.load_state_dict(state, strict=False) == ([], ["weight", "bias"])  # ignored
     assert m.num_batches_tracked == 7
     with raises(TypeError, "state_dict: expected a dict, got list"):
         m.load_state_dict(list(state.items()))

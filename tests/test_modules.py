@@ -362,3 +362,33 @@ def test_load_torch_state_dict_gives_torch_eval_outputs(torch, cls_name, shape, 
     with torch.no_grad():
         expected = tm(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(m(x), expected, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+def test_non_finite_warning_as_error_leaves_module_consistent():
+    """With warnings as errors, the RuntimeWarning for skipped channels is raised after the
+    module's state (running statistics, num_batches_tracked, saved tensors) is complete."""
+    import warnings
+
+    m = bnc.BatchNorm1d(2)
+    x = np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32)
+    x[3, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="1 of 2 channels"):
+            m(x)
+    assert m.num_batches_tracked == 1
+    assert m.running_mean[0] == 0 and m.running_var[0] == 1  # skipped channel untouched
+    assert m.running_mean[1] != 0  # the other channel updated
+    m.backward(np.ones_like(x))  # the forward's saved state is there
+
+
+def test_eval_accepts_read_only_and_strided_running_statistics():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 4, 3)).astype(np.float32)
+    rm = np.zeros(8, np.float32)[::2]  # strided
+    rv = np.ones(4, np.float32)
+    rv.flags.writeable = False
+    y, _, _ = bnc.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False)
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    with pytest.raises(ValueError, match="running_var: expected a writeable array"):
+        bnc.batch_norm_forward(x, running_mean=np.zeros(4, np.float32), running_var=rv)

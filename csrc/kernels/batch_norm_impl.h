@@ -279,10 +279,15 @@ inline void run_team(int threads, Body& body) {
   body(0, 1);
 }
 
-inline void team_barrier() {
+// A barrier of the team running the body; none for a team of one (run_team then opens no
+// parallel region, and an orphaned barrier would bind to a caller's enclosing region).
+inline void team_barrier(int nth) {
 #if BNC_HAVE_OPENMP
+  if (nth > 1) {
 #pragma omp barrier
+  }
 #endif
+  (void)nth;
 }
 
 // Tasks [begin, end) of `count` for thread `tid` of `nth`: a contiguous static split.
@@ -804,7 +809,7 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
         reduce_task(p, terms, st.shifts, chunk, rb, s, st.partial_a + rb * g.channels + c0,
                     st.partial_b + rb * g.channels + c0);
       }
-      team_barrier();
+      team_barrier(nth);
       const int64_t c_first = first * p.chunk_channels;
       const int64_t c_last = min64(g.channels, (first + chunks) * p.chunk_channels);
       int64_t cb, ce;
@@ -817,7 +822,7 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
         }
         finalize_channel(c, sum_a, sum_b);
       }
-      team_barrier();
+      team_barrier(nth);
       // Reverse order: the tasks this thread reduced last are still in its cache.
       for (int64_t t = end - 1; t >= begin; --t)
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, first + t / p.num_row_blocks,
@@ -895,13 +900,13 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
 }
 
 // Applies `map` to the whole tensor, one contiguous range per thread in memory order (no
-// reduction to stay close to), boundaries on cache-line multiples so no two threads write one
-// line. set_coefs(c, coefs) fills channel c's coefficients, coefs[k][c].
+// reduction to stay close to), boundaries on multiples of 64 elements. set_coefs(c, coefs) fills channel c's coefficients, coefs[k][c].
 template <class T, class Map, class SetCoefs>
 int64_t apply_everywhere(const Geometry& g, const Map& map, SetCoefs&& set_coefs, int num_threads) {
   const Plan p = make_plan(g, sizeof(T));
-  int threads = g.size() * static_cast<int64_t>(sizeof(T)) < kSerialBytes ? 1 : num_threads;
-  if (threads < 1) threads = 1;
+  // One thread per kSerialBytes of work at most (and none below it).
+  const int64_t work_threads = max64(1, g.size() * static_cast<int64_t>(sizeof(T)) / kSerialBytes);
+  const int threads = static_cast<int>(min64(max64(num_threads, 1), work_threads));
   ApplyState<T, Map::kCoefs> st;
   if (!st.allocate(p, 0, 0)) return -1;
   for (int64_t c = 0; c < g.channels; ++c) {
@@ -925,8 +930,9 @@ int64_t apply_everywhere(const Geometry& g, const Map& map, SetCoefs&& set_coefs
 }
 
 // Inference: y = x * scale + (shift - mean * scale), PyTorch's form, costs a third of the
-// arithmetic of the split-mean form and is as accurate (to a few units in the last place of y)
-// while |mean| * invstd is small; channels far from zero take the split-mean form.
+// arithmetic of the split-mean form and is as accurate (errors of a few float ulps of
+// |weight| * (|y| + 2 * kAffineMaxMeanOverStd)) while |mean| * invstd is small; with any channel
+// far from zero the split-mean form is used.
 constexpr double kAffineMaxMeanOverStd = 4.0;
 
 template <class T>
