@@ -171,16 +171,27 @@ def test_float32_statistics_with_mean_1e5_times_std(shape, axis):
     assert np.abs(naive.mean(axis=0)).max() > 1e-3, "sensitivity check of this test failed"
 
 
+@pytest.mark.parametrize("magnitude,dy_scale", [(1e18, 1.0), (1e20, 1e20)], ids=_case_id)
 @pytest.mark.parametrize("shape,axis", [((4096, 4), 1), ((16, 4, 16, 16), 1),
-                                        ((16, 8, 8, 4), -1), ((64, 4, 7, 7), 1)], ids=_case_id)
-def test_float32_data_of_magnitude_1e18(shape, axis):
-    """|x| ~ 1e18 (squares ~ 1e36, sums of squares overflow float32): finite everything, exact
-    enough statistics, normalized y, and a finite backward that matches the reference."""
+                                        ((16, 8, 8, 4), -1), ((64, 4, 7, 7), 1),
+                                        ((2, 24, 24, 64), -1)], ids=_case_id)
+def test_float32_data_of_huge_magnitude(shape, axis, magnitude, dy_scale, stream_threshold):
+    """|x| ~ 1e18 (squares ~ 1e36: sums of squares overflow float32) and |x| ~ 1e20 with
+    |dy| ~ 1e20 (squares and dy * x overflow float32 even one at a time, so the kernels' float
+    partial sums overflow and those channels are summed again in double): finite everything,
+    exact enough statistics, normalized y, and a finite backward that matches the reference.
+    Both row orders of the row family (cached and streamed input)."""
+    for threshold in (-1, 0):
+        _core._set_stream_threshold_bytes(threshold)
+        _check_huge_magnitude(shape, axis, magnitude, dy_scale)
+
+
+def _check_huge_magnitude(shape, axis, magnitude, dy_scale):
     rng = np.random.default_rng(200 + shape[axis] + len(shape))
     c = shape[axis]
     bshape = _channel_view(shape, axis)
     sign = rng.choice([-1.0, 1.0], c).reshape(bshape)
-    x = (sign * 1e18 * (1.0 + 0.1 * rng.standard_normal(shape))).astype(F32)
+    x = (sign * magnitude * (1.0 + 0.1 * rng.standard_normal(shape))).astype(F32)
     assert np.isfinite(x).all()
     mean, var, n = exact_stats(x, axis)
 
@@ -189,7 +200,7 @@ def test_float32_data_of_magnitude_1e18(shape, axis):
                                                        axis=axis)
     for name, a in (("y", y), ("save_mean", save_mean), ("save_invstd", save_invstd),
                     ("running_mean", rm), ("running_var", rv)):
-        assert np.isfinite(a).all(), f"{name} is not finite for data of magnitude 1e18"
+        assert np.isfinite(a).all(), f"{name} is not finite for data of magnitude {magnitude:g}"
     np.testing.assert_allclose(rv, var * n / (n - 1), rtol=1e-5, atol=0, err_msg="running_var")
     np.testing.assert_allclose(rm, mean, rtol=1e-6, atol=0, err_msg="running_mean")
     np.testing.assert_allclose(save_invstd, 1 / np.sqrt(var), rtol=1e-5, atol=0,
@@ -198,7 +209,7 @@ def test_float32_data_of_magnitude_1e18(shape, axis):
     assert np.abs(yc.mean(axis=0)).max() < 1e-4, f"y mean per channel: {yc.mean(axis=0)}"
     np.testing.assert_allclose(yc.var(axis=0), 1.0, rtol=0, atol=1e-4, err_msg="var of y")
 
-    dy = rng.standard_normal(shape).astype(F32)
+    dy = (dy_scale * rng.standard_normal(shape)).astype(F32)
     w = rng.uniform(0.5, 2.0, c).astype(F32)
     dx, gw, gb = bnc.batch_norm_backward(dy, x, save_mean, save_invstd, w, axis=axis)
     assert np.isfinite(dx).all() and np.isfinite(gw).all() and np.isfinite(gb).all()
