@@ -155,10 +155,10 @@ def test_float32_statistics_with_mean_1e5_times_std(shape, axis):
                                err_msg="save_invstd")
 
     # The normalized output: mean 0 and variance var / (var + eps) per channel. bnc computes
-    # y = ((x - mean_hi) - mean_lo) * scale + shift, exact where x is close to the mean. PyTorch's
-    # y = x * alpha + beta (alpha = invstd, beta = -mean * invstd) rounds x * alpha at magnitude
-    # 1e5 (float32 ulp 0.0078) and would miss these bounds by several 1e-3 -- checked below on
-    # the same data, so this test can tell the two apart.
+    # y = (x - mean_hi) * scale + (shift - mean_lo * scale), exact where x is close to the mean.
+    # PyTorch's y = x * alpha + beta (alpha = invstd, beta = -mean * invstd) rounds x * alpha at
+    # magnitude 1e5 (float32 ulp 0.0078) and would miss these bounds by several 1e-3 -- checked
+    # below on the same data, so this test can tell the two apart.
     yc = _per_channel_rows(y, axis)
     assert np.isfinite(yc).all()
     assert np.abs(yc.mean(axis=0)).max() < 1e-4, f"y mean per channel: {yc.mean(axis=0)}"

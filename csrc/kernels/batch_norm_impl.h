@@ -16,9 +16,10 @@
 // when the mean is 1e5 times the standard deviation, and double sums cannot overflow for float data.
 // Since all lanes share a channel's pivot, partial sums merge by plain (ordered) addition.
 //
-// Numerics of the apply: y = ((x - mean_hi) - mean_lo) * scale + shift, with the mean split into two
-// numbers of the compute type, so x - mean is exact where it matters (x close to a large mean);
-// y = alpha * x + beta (PyTorch's form) loses digits there.
+// Numerics of the apply: y = (x - mean_hi) * scale + (shift - mean_lo * scale), with the mean
+// split into two numbers of the compute type (mean_hi + mean_lo = mean to twice their precision):
+// x - mean_hi is exact where it matters (x close to a large mean), and the low part of the mean is
+// folded into the shift in double. y = alpha * x + beta (PyTorch's form) loses digits there.
 
 #ifndef BNC_ISA
 #error "define BNC_ISA before including batch_norm_impl.h"
@@ -696,27 +697,36 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
 // ---------------------------------------------------------------------------------------------
 // Apply maps: the output value from the inputs and per-channel coefficients, in the compute type.
 
-// Forward: y = ((x - mean_hi) - mean_lo) * scale + shift.
+// Forward: y = (x - mean_hi) * scale + shift_lo, shift_lo = shift - mean_lo * scale (see
+// set_normalize).
 template <class T>
 struct NormalizeMap {
   using C = Compute<T>;
-  static constexpr int kCoefs = 4;  // mean_hi, mean_lo, scale, shift
+  static constexpr int kCoefs = 3;  // mean_hi, scale, shift_lo
   const T* x;
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
-    return ((load_compute(x + off) - k[0]) - k[1]) * k[2] + k[3];
+    return (load_compute(x + off) - k[0]) * k[1] + k[2];
   }
-  C one(int64_t off, const C* k) const {
-    return ((static_cast<C>(x[off]) - k[0]) - k[1]) * k[2] + k[3];
-  }
+  C one(int64_t off, const C* k) const { return (static_cast<C>(x[off]) - k[0]) * k[1] + k[2]; }
 };
 
-// Backward, training: dx = a * dy + b * ((x - mean_hi) - mean_lo) + k.
+// Channel c's coefficients of NormalizeMap for y = (x - mean) * scale + shift.
+template <class C>
+inline void set_normalize(C* const* k, int64_t c, double mean, double scale, double shift) {
+  const C mean_hi = static_cast<C>(mean);
+  k[0][c] = mean_hi;
+  k[1][c] = static_cast<C>(scale);
+  k[2][c] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
+}
+
+// Backward, training: dx = a * dy + b * (x - mean) + k. The mean is the saved mean, a number of
+// the compute type (float for float32 and float16 data), so x - mean is exact where it matters.
 template <class T>
 struct GradTrainMap {
   using C = Compute<T>;
-  static constexpr int kCoefs = 5;  // a, mean_hi, mean_lo, b, k
+  static constexpr int kCoefs = 4;  // a, mean, b, k
   const T* dy;
   const T* x;
   T* out;
@@ -725,10 +735,10 @@ struct GradTrainMap {
     prefetch_piece(x + off, count);
   }
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
-    return k[0] * load_compute(dy + off) + k[3] * ((load_compute(x + off) - k[1]) - k[2]) + k[4];
+    return k[0] * load_compute(dy + off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
   }
   C one(int64_t off, const C* k) const {
-    return k[0] * static_cast<C>(dy[off]) + k[3] * ((static_cast<C>(x[off]) - k[1]) - k[2]) + k[4];
+    return k[0] * static_cast<C>(dy[off]) + k[2] * (static_cast<C>(x[off]) - k[1]) + k[3];
   }
 };
 
@@ -1047,13 +1057,6 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
   run_team(threads, body);
 }
 
-// Splits a double into a pair of the compute type whose sum is the double to ~2x its precision.
-template <class C>
-inline void split_mean(double mean, C& hi, C& lo) {
-  hi = static_cast<C>(mean);
-  lo = static_cast<C>(mean - static_cast<double>(hi));
-}
-
 // ---------------------------------------------------------------------------------------------
 // Entry points.
 
@@ -1105,9 +1108,8 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
     var[c] = v;
     save_mean[c] = static_cast<P>(m);
     save_invstd[c] = static_cast<P>(invstd);
-    split_mean(m, coefs[0][c], coefs[1][c]);
-    coefs[2][c] = static_cast<C>(weight ? invstd * static_cast<double>(weight[c]) : invstd);
-    coefs[3][c] = static_cast<C>(bias ? static_cast<double>(bias[c]) : 0.0);
+    set_normalize(coefs, c, m, weight ? invstd * static_cast<double>(weight[c]) : invstd,
+                  bias ? static_cast<double>(bias[c]) : 0.0);
   };
   const NormalizeMap<T> map{x, y};
   if (streaming_output(g, sizeof(T)))
@@ -1206,9 +1208,7 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
     }, num_threads);
   }
   return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k) {
-    split_mean(static_cast<double>(running_mean[c]), k[0][c], k[1][c]);
-    k[2][c] = static_cast<C>(scale_of(c));
-    k[3][c] = static_cast<C>(shift_of(c));
+    set_normalize(k, c, static_cast<double>(running_mean[c]), scale_of(c), shift_of(c));
   }, num_threads);
 }
 
@@ -1234,10 +1234,10 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
     grad_bias[c] = static_cast<P>(sum_dy);
     grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
     coefs[0][c] = static_cast<C>(a);
-    if constexpr (Map::kCoefs == 5) {
-      split_mean(st.shifts[c], coefs[1][c], coefs[2][c]);
-      coefs[3][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
-      coefs[4][c] = static_cast<C>(-a * sum_dy / n);
+    if constexpr (Map::kCoefs == 4) {
+      coefs[1][c] = static_cast<C>(st.shifts[c]);  // exact: the saved mean is a P <= C number
+      coefs[2][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
+      coefs[3][c] = static_cast<C>(-a * sum_dy / n);
     }
   };
   if (streaming_output(g, sizeof(T)))
