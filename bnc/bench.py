@@ -53,6 +53,7 @@ OPERATIONS = ("train", "eval", "backward")
 # tensor-sizes moved by each operation at the I/O bound: inputs read once, outputs written once
 TRAFFIC = {"train": 2, "eval": 2, "backward": 3}
 NUMPY_MAX_BYTES_QUICK = 16 << 20
+MAX_REPEATS = 201
 
 
 def _cpu_model() -> str:
@@ -145,11 +146,23 @@ class _Setup:
 
 
 def _time_interleaved(
-    impls: Dict[str, Callable[[], object]], repeats: Dict[str, int]
+    impls: Dict[str, Callable[[], object]], repeats: Dict[str, int], budget_s: float = 0.0
 ) -> Dict[str, float]:
-    """Median seconds per implementation; calls interleaved so drifts hit all alike."""
-    for fn in impls.values():
+    """Median seconds per implementation; calls interleaved so drifts hit all alike.
+
+    ``repeats`` is each implementation's number of calls at least; those without a cap of their
+    own (all but NumPy) repeat further while the rounds fit in ``budget_s`` seconds (at most
+    MAX_REPEATS): small, fast cases get many samples, so their medians are steadier.
+    """
+    round_s = 0.0  # one call of each implementation that may repeat further
+    for name, fn in impls.items():
+        start = time.perf_counter()
         fn()  # warm-up: first touch of outputs, caches, thread pools
+        if name != "numpy":
+            round_s += time.perf_counter() - start
+    if budget_s > 0 and round_s > 0:
+        more = min(MAX_REPEATS, int(budget_s / round_s))
+        repeats = {name: max(n, more) if name != "numpy" else n for name, n in repeats.items()}
     samples: Dict[str, List[float]] = {name: [] for name in impls}
     for r in range(max(repeats.values())):
         for name, fn in impls.items():
@@ -174,6 +187,7 @@ def run(threads: int, quick: bool, cases: Optional[List[Case]] = None,
         torch.set_num_threads(threads)
     cases = CASES if cases is None else cases
     repeats = 5 if quick else 11
+    budget_s = 0.1 if quick else 0.4
     rows = []
     for index, case in enumerate(cases, 1):
         name, shape, axis, dtype = case
@@ -188,7 +202,7 @@ def run(threads: int, quick: bool, cases: Optional[List[Case]] = None,
             counts = {impl: repeats for impl in impls}
             if "numpy" in counts:
                 counts["numpy"] = min(repeats, 3)
-            t = _time_interleaved(impls, counts)
+            t = _time_interleaved(impls, counts, budget_s)
             copy_bandwidth = 2 * setup.nbytes / t["copy"]
             bound = TRAFFIC[op] * setup.nbytes / copy_bandwidth
             rows.append({
@@ -277,13 +291,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="fewer repeats, NumPy only on tensors up to 16 MB")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--filter", metavar="TEXT",
-                        help="only cases whose name or shape contains TEXT")
+                        help="only cases whose name, shape (e.g. 32x256x56x56) or dtype "
+                             "contains TEXT")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads: expected a positive count")
     cases = CASES
     if args.filter:
-        cases = [c for c in CASES if args.filter in f"{c[0]} {c[1]} {c[3]}"]
+        def text(case: Case) -> str:
+            name, shape, _, dtype = case
+            return f"{name} {shape} {'x'.join(map(str, shape))} {dtype}"
+        cases = [c for c in CASES if args.filter in text(c)]
+        if not cases:
+            parser.error(f"--filter: no case matches {args.filter!r} (names, shapes such as "
+                         "'32x256x56x56' or '(32, 256, 56, 56)', dtypes)")
     result = run(args.threads, args.quick, cases)
     print(format_table(result))
     if args.json:
