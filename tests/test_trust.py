@@ -219,6 +219,43 @@ def _check_huge_magnitude(shape, axis, magnitude, dy_scale):
     np.testing.assert_allclose(gb, rgb, rtol=1e-5, atol=1e-5 * np.sqrt(n), err_msg="grad_bias")
 
 
+@pytest.mark.parametrize("dtype,var_rtol", [(F32, 3e-7), (F64, 1e-13)], ids=_case_id)
+@pytest.mark.parametrize("shape,axis", [
+    ((40000, 48), 1),  # (N, C): one chunk of whole rows, many row blocks
+    ((40, 30, 30, 48), -1),  # channels-last
+    ((64, 24, 40, 40), 1),  # channels of 400 KB: summed in groups of channels
+    ((16, 24, 16, 16), 1),  # small channels: reduced and applied chunk by chunk in cache
+], ids=_case_id)
+def test_outlier_first_element_costs_no_digits(shape, axis, dtype, var_rtol, stream_threshold,
+                                               restore_num_threads):
+    """Each channel's first element is its pivot. Here it is 0 (padding, say) while the channel
+    is 1000 +- 1, so sums around the pivot would cancel 6 digits of the variance (float32 data:
+    all of them in its float partial sums); every other channel is ordinary. The variance must
+    stay within a few ulps of the exact one, bitwise the same for 1 and 3 threads and with
+    streamed input (the other row order)."""
+    rng = np.random.default_rng(1000 + shape[axis])
+    c = shape[axis]
+    x = (1000 + rng.standard_normal(shape)).astype(dtype)
+    first = [0] * x.ndim
+    first[axis] = slice(0, None, 2)  # even channels only
+    x[tuple(first)] = 0
+    mean, var, n = exact_stats(x, axis)
+    results = []
+    for threads, threshold in ((1, -1), (3, -1), (2, 0)):
+        bnc.set_num_threads(threads)
+        _core._set_stream_threshold_bytes(threshold)
+        rm, rv = np.zeros(c, dtype), np.zeros(c, dtype)
+        y, save_mean, save_invstd = bnc.batch_norm_forward(x, None, None, rm, rv, momentum=1.0,
+                                                           axis=axis)
+        np.testing.assert_allclose(rv.astype(F64) * (n - 1) / n, var, rtol=var_rtol, atol=0,
+                                   err_msg=f"variance, {threads} threads")
+        np.testing.assert_allclose(save_mean, mean, rtol=var_rtol, atol=0, err_msg="mean")
+        results.append((y, save_mean, save_invstd, rm, rv))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b), "results differ between thread counts or row orders"
+
+
 @pytest.mark.parametrize("shape,axis", [((4096, 8), 1), ((8, 4, 32, 32), 1),
                                         ((8, 4, 7, 7), 1), ((8, 7, 7, 16), -1),
                                         ((16, 5, 300), 1)], ids=_case_id)

@@ -969,6 +969,7 @@ struct ApplyState {
   double* partial_a = nullptr;
   double* partial_b = nullptr;
   double* scratch = nullptr;
+  int64_t* again = nullptr;  // per group of chunks: summed once more (reduce_finalize_apply)
   Workspace ws;
 
   // extra_doubles: further per-channel double arrays the caller takes afterwards.
@@ -982,6 +983,8 @@ struct ApplyState {
     ws.reserve<double>(partials);
     ws.reserve<double>(partials);
     ws.reserve<double>(threads * kScratchDoubles);
+    const int64_t groups = ceil_div(p.num_chunks, p.chunks_per_group);
+    ws.reserve<int64_t>(groups);
     if (!ws.allocate()) return false;
     for (int k = 0; k < K; ++k) coefs[k] = ws.take<Compute<T>>(g.channels);
     for (int k = 0; k < K; ++k) lanes.lanes[k] = ws.take<Compute<T>>(lane_length);
@@ -991,20 +994,26 @@ struct ApplyState {
     partial_a = ws.take<double>(partials);
     partial_b = ws.take<double>(partials);
     scratch = ws.take<double>(threads * kScratchDoubles);
+    again = ws.take<int64_t>(groups);
+    for (int64_t i = 0; i < groups; ++i) again[i] = 0;
     return true;
   }
 };
 
 
 // The reduce -> finalize -> apply driver shared by forward training and backward.
-// finalize(c, sum_a, sum_b) turns channel c's sums into its coefficients (st.coefs[k][c]).
+// finalize(c, sum_a, sum_b, last) turns channel c's sums into its coefficients (st.coefs[k][c])
+// and returns true; or, unless `last`, it may instead move the channel's shift (st.shifts[c])
+// and return false: then the channels of that chunk (fused) or group are summed once more
+// before their apply.
 template <bool Stream, class T, class Terms, class Finalize, class Map>
 void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize, const Map& map,
                            ApplyState<T, Map::kCoefs>& st, int threads) {
   const Geometry& g = p.g;
-  auto finalize_channel = [&](int64_t c, double sum_a, double sum_b) {
-    finalize(c, sum_a, sum_b);
+  auto finalize_channel = [&](int64_t c, double sum_a, double sum_b, bool last) {
+    if (!finalize(c, sum_a, sum_b, last)) return false;
     st.lanes.spread(c, st.coefs);
+    return true;
   };
   auto body = [&](int tid, int nth) {
     const Scratch s = scratch_for(st.scratch, tid);
@@ -1012,10 +1021,17 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
       int64_t begin, end;
       split_range(p.num_chunks, tid, nth, begin, end);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
-        reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
         const int64_t c0 = chunk * p.chunk_channels;
         const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
-        for (int64_t c = c0; c < c1; ++c) finalize_channel(c, s.chunk_a[c - c0], s.chunk_b[c - c0]);
+        reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
+        bool final_sums = true;
+        for (int64_t c = c0; c < c1; ++c)
+          final_sums &= finalize_channel(c, s.chunk_a[c - c0], s.chunk_b[c - c0], false);
+        if (!final_sums) {
+          reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
+          for (int64_t c = c0; c < c1; ++c)
+            finalize_channel(c, s.chunk_a[c - c0], s.chunk_b[c - c0], true);
+        }
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, chunk, 0);
       }
       if (Stream) stream_fence();
@@ -1026,14 +1042,15 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
       const int64_t tasks = chunks * p.num_row_blocks;
       int64_t begin, end;
       split_range(tasks, tid, nth, begin, end);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t chunk = first + t / p.num_row_blocks;
-        const int64_t rb = t % p.num_row_blocks;
-        const int64_t c0 = chunk * p.chunk_channels;
-        reduce_task(p, terms, st.shifts, chunk, rb, s, st.partial_a + rb * g.channels + c0,
-                    st.partial_b + rb * g.channels + c0);
-      }
-      team_barrier(nth);
+      auto reduce_group = [&]() {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t chunk = first + t / p.num_row_blocks;
+          const int64_t rb = t % p.num_row_blocks;
+          const int64_t c0 = chunk * p.chunk_channels;
+          reduce_task(p, terms, st.shifts, chunk, rb, s, st.partial_a + rb * g.channels + c0,
+                      st.partial_b + rb * g.channels + c0);
+        }
+      };
       const int64_t c_first = first * p.chunk_channels;
       const int64_t c_last = min64(g.channels, (first + chunks) * p.chunk_channels);
       int64_t cb, ce;
@@ -1041,19 +1058,33 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
       // Row blocks merged in order into the first block's partials, a whole row of partials at a
       // time: walking one channel down the row blocks (rows channels * 8 bytes apart) would
       // miss the cache at every step.
-      double* const sums_a = st.partial_a;
-      double* const sums_b = st.partial_b;
-      for (int64_t rb = 1; rb < p.num_row_blocks; ++rb) {
-        const double* pa = st.partial_a + rb * g.channels;
-        const double* pb = st.partial_b + rb * g.channels;
-        for (int64_t c = c_first + cb; c < c_first + ce; ++c) {
-          sums_a[c] += pa[c];
-          sums_b[c] += pb[c];
+      auto merge_and_finalize = [&](bool last) {
+        double* const sums_a = st.partial_a;
+        double* const sums_b = st.partial_b;
+        for (int64_t rb = 1; rb < p.num_row_blocks; ++rb) {
+          const double* pa = st.partial_a + rb * g.channels;
+          const double* pb = st.partial_b + rb * g.channels;
+          for (int64_t c = c_first + cb; c < c_first + ce; ++c) {
+            sums_a[c] += pa[c];
+            sums_b[c] += pb[c];
+          }
         }
-      }
-      for (int64_t c = c_first + cb; c < c_first + ce; ++c)
-        finalize_channel(c, sums_a[c], sums_b[c]);
+        bool final_sums = true;
+        for (int64_t c = c_first + cb; c < c_first + ce; ++c)
+          final_sums &= finalize_channel(c, sums_a[c], sums_b[c], last);
+        return final_sums;
+      };
+      reduce_group();
       team_barrier(nth);
+      int64_t* const again = st.again + first / p.chunks_per_group;
+      if (!merge_and_finalize(false)) __atomic_store_n(again, 1, __ATOMIC_RELAXED);
+      team_barrier(nth);
+      if (__atomic_load_n(again, __ATOMIC_RELAXED)) {  // every thread sees the same flag here
+        reduce_group();
+        team_barrier(nth);
+        merge_and_finalize(true);
+        team_barrier(nth);
+      }
       // Reverse order: the tasks this thread reduced last are still in its cache.
       for (int64_t t = end - 1; t >= begin; --t)
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, first + t / p.num_row_blocks,
@@ -1088,6 +1119,12 @@ void channel_sums_in_double(const Terms& terms, const Geometry& g, int64_t c, do
   }
 }
 
+// A pivot k standard deviations from its channel's mean makes Q/n - (S/n)^2 cancel about
+// 2 log10(k) digits (and scales the rounding of float partial sums by k^2): beyond kRepivotStds
+// the channel is summed again around its mean. Normal data never has its first element that far
+// out; data whose first element is padding, or an outlier, does.
+constexpr double kRepivotStds = 8.0;
+
 template <class T, class P>
 int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bias, double eps,
                       double momentum, P* running_mean, P* running_var, P* save_mean,
@@ -1105,11 +1142,17 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
   const double n = static_cast<double>(g.per_channel());
   C* const* coefs = st.coefs;
   const MomentTerms<T> terms{x};
-  auto finalize = [&](int64_t c, double sum_d, double sum_dd) {
+  auto finalize = [&](int64_t c, double sum_d, double sum_dd, bool last) {
     if (!is_finite(sum_d) || !is_finite(sum_dd))
       channel_sums_in_double(terms, g, c, st.shifts[c], sum_d, sum_dd);
     const double mean_offset = sum_d / n;
     double v = sum_dd / n - mean_offset * mean_offset;
+    if (!last && mean_offset * mean_offset > kRepivotStds * kRepivotStds * v) {
+      // The pivot is an outlier: sum the channel again around its mean (a number of the compute
+      // type, so float partial sums stay exact in their shift).
+      st.shifts[c] = static_cast<double>(static_cast<C>(st.shifts[c] + mean_offset));
+      return false;
+    }
     if (v < 0.0) v = 0.0;  // rounding only; NaN passes through
     const double m = st.shifts[c] + mean_offset;
     const double invstd = 1.0 / __builtin_sqrt(v + eps);
@@ -1119,6 +1162,7 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
     save_invstd[c] = static_cast<P>(invstd);
     set_normalize(coefs, c, m, weight ? invstd * static_cast<double>(weight[c]) : invstd,
                   bias ? static_cast<double>(bias[c]) : 0.0);
+    return true;
   };
   const NormalizeMap<T> map{x, y};
   if (streaming_output(g, sizeof(T)))
@@ -1235,7 +1279,7 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
   const double n = static_cast<double>(g.per_channel());
   C* const* coefs = st.coefs;
   const GradTerms<T> terms{dy, x};
-  auto finalize = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
+  auto finalize = [&](int64_t c, double sum_dy, double sum_dy_xmu, bool /*last*/) {
     if (!is_finite(sum_dy) || !is_finite(sum_dy_xmu))
       channel_sums_in_double(terms, g, c, st.shifts[c], sum_dy, sum_dy_xmu);
     const double invstd = static_cast<double>(save_invstd[c]);
@@ -1248,6 +1292,7 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
       coefs[2][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
       coefs[3][c] = static_cast<C>(-a * sum_dy / n);
     }
+    return true;  // the shift is the saved mean: no outlier pivot to move away from
   };
   if (streaming_output(g, sizeof(T)))
     reduce_finalize_apply<true, T>(p, terms, finalize, map, st, threads);
