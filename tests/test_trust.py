@@ -181,7 +181,7 @@ def test_float32_data_of_huge_magnitude(shape, axis, magnitude, dy_scale, stream
     partial sums overflow and those channels are summed again in double): finite everything,
     exact enough statistics, normalized y, and a finite backward that matches the reference.
     Both row orders of the row family (cached and streamed input)."""
-    for threshold in (-1, 0):
+    for threshold in (2 ** 62, 0):  # never / always streamed
         _core._set_stream_threshold_bytes(threshold)
         _check_huge_magnitude(shape, axis, magnitude, dy_scale)
 
@@ -219,6 +219,41 @@ def _check_huge_magnitude(shape, axis, magnitude, dy_scale):
     np.testing.assert_allclose(gb, rgb, rtol=1e-5, atol=1e-5 * np.sqrt(n), err_msg="grad_bias")
 
 
+@pytest.mark.parametrize("shape,axis", [((32, 1024), 1), ((256, 1024), 1), ((4096, 8), 1),
+                                        ((8, 7, 7, 16), -1), ((32, 14, 14, 64), -1),
+                                        ((64, 5, 7, 7), 1)], ids=_case_id)
+def test_float32_variance_of_row_layouts_within_rounding(shape, axis, stream_threshold):
+    """Channels-last and (N, C) float32 data sum 8 rows at a time in float: the variance must
+    still be within 2.5e-7 of the exact one (float32 rounding alone is up to 6e-8; PyTorch's
+    error on (32, 1024) is 2.5e-7), at small batch too, with cached and streamed input."""
+    c = shape[axis]
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(F32)
+        mean, var, n = exact_stats(x, axis)
+        for threshold in (2 ** 62, 0):
+            _core._set_stream_threshold_bytes(threshold)
+            rm, rv = np.zeros(c, F32), np.zeros(c, F32)
+            bnc.batch_norm_forward(x, None, None, rm, rv, momentum=1.0, axis=axis)
+            np.testing.assert_allclose(rv.astype(F64) * (n - 1) / n, var, rtol=2.5e-7, atol=0,
+                                       err_msg=f"variance, seed {seed}")
+
+
+@pytest.mark.parametrize("shape,axis", [((4096, 16), 1), ((16, 8), 1), ((8, 9, 9, 24), -1)],
+                         ids=_case_id)
+def test_float32_channels_of_tiny_spread(shape, axis, stream_threshold):
+    """|x| ~ 1e-23: squares are below float32's range, so float partial sums of squares would
+    vanish; with eps = 1e-60 the variance decides the output. invstd within float rounding of
+    the exact one, y normalized."""
+    x = (1e-23 * np.random.default_rng(5).standard_normal(shape)).astype(F32)
+    mean, var, n = exact_stats(x, axis)
+    for threshold in (2 ** 62, 0):
+        _core._set_stream_threshold_bytes(threshold)
+        y, _, save_invstd = bnc.batch_norm_forward(x, eps=1e-60, axis=axis)
+        np.testing.assert_allclose(save_invstd, 1 / np.sqrt(var), rtol=2e-7, atol=0)
+        np.testing.assert_allclose(_per_channel_rows(y, axis).astype(F64).var(axis=0), 1.0,
+                                   rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,var_rtol", [(F32, 3e-7), (F64, 1e-13)], ids=_case_id)
 @pytest.mark.parametrize("shape,axis", [
     ((40000, 48), 1),  # (N, C): one chunk of whole rows, many row blocks
@@ -241,7 +276,7 @@ def test_outlier_first_element_costs_no_digits(shape, axis, dtype, var_rtol, str
     x[tuple(first)] = 0
     mean, var, n = exact_stats(x, axis)
     results = []
-    for threads, threshold in ((1, -1), (3, -1), (2, 0)):
+    for threads, threshold in ((1, 2 ** 62), (3, 2 ** 62), (2, 0)):  # never / always streamed
         bnc.set_num_threads(threads)
         _core._set_stream_threshold_bytes(threshold)
         rm, rv = np.zeros(c, dtype), np.zeros(c, dtype)

@@ -10,11 +10,14 @@
 // shape alone. Each task reduces its data in a fixed order and the row-block partials are merged in
 // a fixed order, so every result is bitwise identical for any thread count.
 //
-// Numerics of the statistics: each channel is shifted by a pivot (its first element; the saved mean
-// in backward), and the sums of d = x - pivot and d*d are accumulated in double in 16 fixed lanes.
-// The pivot lies within the data's spread, so Q/n - (S/n)^2 cancels no more than a few digits even
-// when the mean is 1e5 times the standard deviation, and double sums cannot overflow for float data.
-// Since all lanes share a channel's pivot, partial sums merge by plain (ordered) addition.
+// Numerics of the statistics: each channel is shifted by a pivot (the mean of its first 8
+// elements; the saved mean in backward), and the sums of d = x - pivot and d*d are accumulated in
+// double (16 fixed lanes per channel, or one per element of a row; float data in rows first sums 8
+// rows in float, see kFloatPartials). The pivot lies within the data's spread, so Q/n - (S/n)^2
+// cancels no more than a few digits even when the mean is 1e5 times the standard deviation; a
+// pivot that does not (an outlier) is replaced by the mean and the channel summed again. Sums
+// cannot overflow for float data. Since all lanes share a channel's pivot, partial sums merge by
+// plain (ordered) addition.
 //
 // Numerics of the apply: y = (x - mean_hi) * scale + (shift - mean_lo * scale), with the mean
 // split into two numbers of the compute type (mean_hi + mean_lo = mean to twice their precision):
@@ -415,6 +418,7 @@ inline Scratch scratch_for(double* base, int tid) {
 // base + j of each row; acc_a/acc_b hold one double accumulator per lane.
 struct RowPiece {
   int64_t base, row_stride, width;
+  int64_t end;  // elements in the tensor (prefetches stay below)
   const double* lane_shift;
   double* acc_a;
   double* acc_b;
@@ -436,10 +440,13 @@ constexpr int64_t kPartialRows = 8;
 
 // Float data (float32, float16): each lane's two terms are first summed in float over a block
 // of kPartialRows rows, and the block's sums are then added to the lane's double accumulators.
-// Widening every element to double costs twice the arithmetic; an 8-term float sum is off by at
-// most 8 float ulps of its magnitude (1e-7 of it typically), below what a float result shows.
-// Shifts are float-exact (an element, or a float saved mean). Block sums can overflow where
-// |terms| > 4e37; such channels are summed again in double (channel_sums_in_double).
+// Widening every element to double costs twice the arithmetic. An 8-term float sum is off by a
+// few float ulps of its magnitude, and these errors are independent from block to block; the
+// variance Q/n - (S/n)^2 magnifies them by about 1 + k^2 for a pivot k standard deviations from
+// the mean, which is why the forward pivot is the mean of a few elements (k ~ 0.3) and an
+// outlier pivot is replaced (kRepivotStds). Shifts are exact in float (a float mean of a few
+// elements, or a float saved mean). A lane's block whose float sums overflowed (|terms| > 4e37)
+// or hold a NaN or an infinity is summed again in double (flush_lane).
 template <class Terms>
 constexpr bool kFloatPartials = sizeof(Compute<TermsElem<Terms>>) == 4;
 
@@ -448,6 +455,55 @@ constexpr bool kFloatPartials = sizeof(Compute<TermsElem<Terms>>) == 4;
 // size tells the reduce that its input comes from memory rather than cache.
 inline bool streaming_output(const Geometry& g, int64_t elem_bytes) {
   return g.size() * elem_bytes >= stream_threshold_bytes();
+}
+
+inline bool partial_sums_ok(float a, float b) {
+  return __builtin_isfinite(a) && __builtin_isfinite(b);
+}
+
+template <class M>
+inline bool all_set(M mask) {
+  for (size_t l = 0; l < sizeof(M) / sizeof(mask[0]); ++l)
+    if (!mask[l]) return false;
+  return true;
+}
+
+// Adds lane j's float sums over the block of `rows` rows starting at offset r to its double
+// accumulators; if they are not finite (they overflowed, or the data hold a NaN or an infinity),
+// adds the block's sums recomputed in double instead (its rows were just read: they are in
+// cache). Squares below float's range (|x - pivot| < 1e-19) are caught per channel instead
+// (channel_sums_in_double).
+template <class Terms>
+inline void flush_lane(const Terms& terms, const RowPiece& q, int64_t r, int64_t rows, int64_t j,
+                       float a, float b) {
+  if (partial_sums_ok(a, b)) {
+    q.acc_a[j] += static_cast<double>(a);
+    q.acc_b[j] += static_cast<double>(b);
+    return;
+  }
+  double da = 0.0, db = 0.0;
+  for (int64_t k = 0; k < rows; ++k) terms.one(r + k * q.row_stride + j, q.lane_shift[j], da, db);
+  q.acc_a[j] += da;
+  q.acc_b[j] += db;
+}
+
+// flush_lane for the W lanes [j, j + W) at once.
+template <class Terms>
+inline void flush_lanes(const Terms& terms, const RowPiece& q, int64_t r, int64_t rows, int64_t j,
+                        vf a, vf b) {
+  constexpr int64_t W = kVecElems<TermsElem<Terms>>;
+  float fa[W], fb[W];
+  store(fa, a);
+  store(fb, b);
+  const auto ok = (a - a == 0.0f) & (b - b == 0.0f);  // x - x == 0 holds for finite x only
+  if (!all_set(ok)) {
+    for (int64_t l = 0; l < W; ++l) flush_lane(terms, q, r, rows, j + l, fa[l], fb[l]);
+    return;
+  }
+  for (int64_t h = 0; h < W; h += kDoublesPerVec) {
+    store(q.acc_a + j + h, load<vd>(q.acc_a + j + h) + load_vd(fa + h));
+    store(q.acc_b + j + h, load<vd>(q.acc_b + j + h) + load_vd(fb + h));
+  }
 }
 
 // Rows [o0, o1) in order, float partial sums in scratch.
@@ -467,8 +523,7 @@ void reduce_rows_in_order_f(const Terms& terms, const RowPiece& q, int64_t o0, i
     for (int64_t j = 0; j < q.width; ++j) pa[j] = pb[j] = 0.0f;
     for (int64_t o = b0; o < b1; ++o) {
       const int64_t r = o * q.row_stride + q.base;
-      // (A prefetch past the end of the tensor is harmless: prefetches never fault.)
-      terms.prefetch(r + ahead, q.width);
+      if (r + ahead + q.width <= q.end) terms.prefetch(r + ahead, q.width);
       for (int64_t j = 0; j < vec_width; j += W) {
         vf a = load<vf>(pa + j), b = load<vf>(pb + j);
         terms.vec_f(r + j, load<vf>(shift + j), a, b);
@@ -477,10 +532,10 @@ void reduce_rows_in_order_f(const Terms& terms, const RowPiece& q, int64_t o0, i
       }
       for (int64_t j = vec_width; j < q.width; ++j) terms.one_f(r + j, shift[j], pa[j], pb[j]);
     }
-    for (int64_t j = 0; j < q.width; ++j) {
-      q.acc_a[j] += static_cast<double>(pa[j]);
-      q.acc_b[j] += static_cast<double>(pb[j]);
-    }
+    const int64_t r0 = b0 * q.row_stride + q.base;
+    for (int64_t j = 0; j < vec_width; j += W)
+      flush_lanes(terms, q, r0, b1 - b0, j, load<vf>(pa + j), load<vf>(pb + j));
+    for (int64_t j = vec_width; j < q.width; ++j) flush_lane(terms, q, r0, b1 - b0, j, pa[j], pb[j]);
   }
 }
 
@@ -492,7 +547,7 @@ void reduce_rows_in_order_d(const Terms& terms, const RowPiece& q, int64_t o0, i
   const int64_t ahead = kInOrderPrefetchBytes / static_cast<int64_t>(sizeof(T));
   for (int64_t o = o0; o < o1; ++o) {
     const int64_t r = o * q.row_stride + q.base;
-    terms.prefetch(r + ahead, q.width);
+    if (r + ahead + q.width <= q.end) terms.prefetch(r + ahead, q.width);
     for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
       vd a = load<vd>(q.acc_a + j), b = load<vd>(q.acc_b + j);
       terms.vec(r + j, load<vd>(q.lane_shift + j), a, b);
@@ -534,17 +589,7 @@ inline void add_block_f(const Terms& terms, const RowPiece& q, int64_t r, int64_
   } else {
     for (int64_t k = 0; k < rows; ++k) add_row(k);
   }
-  for (int64_t u = 0; u < U; ++u) {
-    float fa[W], fb[W];
-    store(fa, sa[u]);
-    store(fb, sb[u]);
-    double* acc_a = q.acc_a + j + u * W;
-    double* acc_b = q.acc_b + j + u * W;
-    for (int64_t h = 0; h < W; h += kDoublesPerVec) {
-      store(acc_a + h, load<vd>(acc_a + h) + load_vd(fa + h));
-      store(acc_b + h, load<vd>(acc_b + h) + load_vd(fb + h));
-    }
-  }
+  for (int64_t u = 0; u < U; ++u) flush_lanes(terms, q, r, rows, j + u * W, sa[u], sb[u]);
 }
 
 // Blocked order, in double: lanes [j, j + U * kDoublesPerVec) of `rows` rows from r.
@@ -599,8 +644,7 @@ void reduce_rows_blocked(const Terms& terms, const RowPiece& q, int64_t o0, int6
       for (; j < q.width; ++j) {
         float a = 0.0f, b = 0.0f;
         for (int64_t k = 0; k < rows; ++k) terms.one_f(r + k * q.row_stride + j, shift[j], a, b);
-        q.acc_a[j] += static_cast<double>(a);
-        q.acc_b[j] += static_cast<double>(b);
+        flush_lane(terms, q, r, rows, j, a, b);
       }
     } else {
       for (; j + U * W <= vec_width; j += U * W) add_block_d<U>(terms, q, r, j, rows);
@@ -644,7 +688,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
       lane_shift = s.shift;
     }
     for (int64_t j = 0; j < width; ++j) acc_a[j] = acc_b[j] = 0.0;
-    const RowPiece piece{c0 * g.inner, row_stride, width, lane_shift, acc_a, acc_b};
+    const RowPiece piece{c0 * g.inner, row_stride, width, g.size(), lane_shift, acc_a, acc_b};
     const bool in_order = p.num_chunks == 1 &&
                           width * static_cast<int64_t>(sizeof(T)) <= kInOrderMaxRowBytes &&
                           streaming_output(g, sizeof(T));
@@ -1100,23 +1144,23 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
 // ---------------------------------------------------------------------------------------------
 // Entry points.
 
-// Channel c's two sums, element by element in double, in memory order: for a channel whose float
-// partial sums overflowed. Leaves the sums as they are if they turn non-finite here too (the data
-// hold a NaN or an infinity; no need to read further). Serial and strided, but only ever run for
-// such channels.
+// Float partial sums lose squares below float's range (|x - pivot| < 1e-19). A channel whose mean
+// square deviation is below kTinySquares (but that is not constant: then both sums are exactly 0)
+// is summed again in double, element by element in memory order: serial and strided, but only
+// for such channels (a spread of 1e-15 or less), which otherwise get a wrong variance when eps is
+// tiny too.
+constexpr double kTinySquares = 0x1p-100;
+
 template <class Terms>
 void channel_sums_in_double(const Terms& terms, const Geometry& g, int64_t c, double shift,
                             double& sum_a, double& sum_b) {
-  if constexpr (kFloatPartials<Terms>) {
-    double a = 0.0, b = 0.0;
-    for (int64_t o = 0; o < g.outer; ++o) {
-      const int64_t segment = (o * g.channels + c) * g.inner;
-      for (int64_t i = 0; i < g.inner; ++i) terms.one(segment + i, shift, a, b);
-      if (!is_finite(a) || !is_finite(b)) return;
-    }
-    sum_a = a;
-    sum_b = b;
+  double a = 0.0, b = 0.0;
+  for (int64_t o = 0; o < g.outer; ++o) {
+    const int64_t segment = (o * g.channels + c) * g.inner;
+    for (int64_t i = 0; i < g.inner; ++i) terms.one(segment + i, shift, a, b);
   }
+  sum_a = a;
+  sum_b = b;
 }
 
 // A pivot k standard deviations from its channel's mean makes Q/n - (S/n)^2 cancel about
@@ -1124,6 +1168,7 @@ void channel_sums_in_double(const Terms& terms, const Geometry& g, int64_t c, do
 // the channel is summed again around its mean. Normal data never has its first element that far
 // out; data whose first element is padding, or an outlier, does.
 constexpr double kRepivotStds = 8.0;
+constexpr int64_t kPivotSamples = 8;
 
 template <class T, class P>
 int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bias, double eps,
@@ -1137,13 +1182,24 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
   double* mean = st.ws.template take<double>(g.channels);
   double* var = st.ws.template take<double>(g.channels);
 
-  // The pivot of each channel: its first element.
-  for (int64_t c = 0; c < g.channels; ++c) st.shifts[c] = static_cast<double>(x[c * g.inner]);
+  // The pivot of each channel: the mean of its first kPivotSamples elements, a number of the
+  // compute type (so that float partial sums hold it exactly). A single element can lie a few
+  // standard deviations from the mean, and the rounding of float partial sums grows with the
+  // square of that distance; the mean of 8 typically lies a third of one away.
+  for (int64_t c = 0; c < g.channels; ++c) {
+    double sum = 0.0;
+    int64_t taken = 0;
+    for (int64_t o = 0; o < g.outer && taken < kPivotSamples; ++o)
+      for (int64_t i = 0; i < g.inner && taken < kPivotSamples; ++i, ++taken)
+        sum += static_cast<double>(x[(o * g.channels + c) * g.inner + i]);
+    st.shifts[c] = taken ? static_cast<double>(static_cast<C>(sum / taken)) : 0.0;
+  }
   const double n = static_cast<double>(g.per_channel());
   C* const* coefs = st.coefs;
   const MomentTerms<T> terms{x};
   auto finalize = [&](int64_t c, double sum_d, double sum_dd, bool last) {
-    if (!is_finite(sum_d) || !is_finite(sum_dd))
+    if (kFloatPartials<MomentTerms<T>> && p.row_family && sum_dd < kTinySquares * n &&
+        !(sum_dd == 0.0 && sum_d == 0.0))
       channel_sums_in_double(terms, g, c, st.shifts[c], sum_d, sum_dd);
     const double mean_offset = sum_d / n;
     double v = sum_dd / n - mean_offset * mean_offset;
@@ -1280,8 +1336,6 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
   C* const* coefs = st.coefs;
   const GradTerms<T> terms{dy, x};
   auto finalize = [&](int64_t c, double sum_dy, double sum_dy_xmu, bool /*last*/) {
-    if (!is_finite(sum_dy) || !is_finite(sum_dy_xmu))
-      channel_sums_in_double(terms, g, c, st.shifts[c], sum_dy, sum_dy_xmu);
     const double invstd = static_cast<double>(save_invstd[c]);
     const double a = weight ? invstd * static_cast<double>(weight[c]) : invstd;
     grad_bias[c] = static_cast<P>(sum_dy);
