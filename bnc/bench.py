@@ -154,12 +154,15 @@ def _time_interleaved(
     own (all but NumPy) repeat further while the rounds fit in ``budget_s`` seconds (at most
     MAX_REPEATS): small, fast cases get many samples, so their medians are steadier.
     """
+    for fn in impls.values():
+        fn()  # warm-up: first touch of outputs, caches, thread pools
     round_s = 0.0  # one call of each implementation that may repeat further
     for name, fn in impls.items():
+        if name == "numpy":
+            continue
         start = time.perf_counter()
-        fn()  # warm-up: first touch of outputs, caches, thread pools
-        if name != "numpy":
-            round_s += time.perf_counter() - start
+        fn()
+        round_s += time.perf_counter() - start
     if budget_s > 0 and round_s > 0:
         more = min(MAX_REPEATS, int(budget_s / round_s))
         repeats = {name: max(n, more) if name != "numpy" else n for name, n in repeats.items()}
