@@ -445,8 +445,9 @@ constexpr int64_t kPartialRows = 8;
 // variance Q/n - (S/n)^2 magnifies them by about 1 + k^2 for a pivot k standard deviations from
 // the mean, which is why the forward pivot is the mean of a few elements (k ~ 0.3) and an
 // outlier pivot is replaced (kRepivotStds). Shifts are exact in float (a float mean of a few
-// elements, or a float saved mean). A lane's block whose float sums overflowed (|terms| > 4e37)
-// or hold a NaN or an infinity is summed again in double (flush_lane).
+// elements, or a float saved mean). A lane whose float sums overflowed (|terms| > 4e37) or hold a
+// NaN or an infinity is summed again over its task in double (reduce_task); a channel whose
+// squares fall below float's range, likewise (channel_sums_in_double).
 template <class Terms>
 constexpr bool kFloatPartials = sizeof(Compute<TermsElem<Terms>>) == 4;
 
@@ -457,53 +458,31 @@ inline bool streaming_output(const Geometry& g, int64_t elem_bytes) {
   return g.size() * elem_bytes >= stream_threshold_bytes();
 }
 
-inline bool partial_sums_ok(float a, float b) {
-  return __builtin_isfinite(a) && __builtin_isfinite(b);
-}
-
-template <class M>
-inline bool all_set(M mask) {
-  for (size_t l = 0; l < sizeof(M) / sizeof(mask[0]); ++l)
-    if (!mask[l]) return false;
-  return true;
-}
-
-// Adds lane j's float sums over the block of `rows` rows starting at offset r to its double
-// accumulators; if they are not finite (they overflowed, or the data hold a NaN or an infinity),
-// adds the block's sums recomputed in double instead (its rows were just read: they are in
-// cache). Squares below float's range (|x - pivot| < 1e-19) are caught per channel instead
-// (channel_sums_in_double).
-template <class Terms>
-inline void flush_lane(const Terms& terms, const RowPiece& q, int64_t r, int64_t rows, int64_t j,
-                       float a, float b) {
-  if (partial_sums_ok(a, b)) {
-    q.acc_a[j] += static_cast<double>(a);
-    q.acc_b[j] += static_cast<double>(b);
-    return;
-  }
-  double da = 0.0, db = 0.0;
-  for (int64_t k = 0; k < rows; ++k) terms.one(r + k * q.row_stride + j, q.lane_shift[j], da, db);
-  q.acc_a[j] += da;
-  q.acc_b[j] += db;
-}
-
-// flush_lane for the W lanes [j, j + W) at once.
-template <class Terms>
-inline void flush_lanes(const Terms& terms, const RowPiece& q, int64_t r, int64_t rows, int64_t j,
-                        vf a, vf b) {
-  constexpr int64_t W = kVecElems<TermsElem<Terms>>;
+// Adds the float sums of lanes [j, j + W) to their double accumulators.
+inline void flush_lanes(const RowPiece& q, int64_t j, vf a, vf b) {
+  constexpr int64_t W = sizeof(vf) / sizeof(float);
   float fa[W], fb[W];
   store(fa, a);
   store(fb, b);
-  const auto ok = (a - a == 0.0f) & (b - b == 0.0f);  // x - x == 0 holds for finite x only
-  if (!all_set(ok)) {
-    for (int64_t l = 0; l < W; ++l) flush_lane(terms, q, r, rows, j + l, fa[l], fb[l]);
-    return;
-  }
   for (int64_t h = 0; h < W; h += kDoublesPerVec) {
     store(q.acc_a + j + h, load<vd>(q.acc_a + j + h) + load_vd(fa + h));
     store(q.acc_b + j + h, load<vd>(q.acc_b + j + h) + load_vd(fb + h));
   }
+}
+
+// True if every lane's two accumulators are finite (x - x is 0 for finite x, NaN otherwise).
+inline bool lanes_finite(const RowPiece& q) {
+  const int64_t vec_width = q.width - q.width % kDoublesPerVec;
+  vd v = {};
+  for (int64_t j = 0; j < vec_width; j += kDoublesPerVec) {
+    const vd a = load<vd>(q.acc_a + j), b = load<vd>(q.acc_b + j);
+    v += (a - a) + (b - b);
+  }
+  double t = 0.0;
+  for (int64_t l = 0; l < kDoublesPerVec; ++l) t += v[l];
+  for (int64_t j = vec_width; j < q.width; ++j)
+    t += (q.acc_a[j] - q.acc_a[j]) + (q.acc_b[j] - q.acc_b[j]);
+  return t == 0.0;
 }
 
 // Rows [o0, o1) in order, float partial sums in scratch.
@@ -532,10 +511,11 @@ void reduce_rows_in_order_f(const Terms& terms, const RowPiece& q, int64_t o0, i
       }
       for (int64_t j = vec_width; j < q.width; ++j) terms.one_f(r + j, shift[j], pa[j], pb[j]);
     }
-    const int64_t r0 = b0 * q.row_stride + q.base;
-    for (int64_t j = 0; j < vec_width; j += W)
-      flush_lanes(terms, q, r0, b1 - b0, j, load<vf>(pa + j), load<vf>(pb + j));
-    for (int64_t j = vec_width; j < q.width; ++j) flush_lane(terms, q, r0, b1 - b0, j, pa[j], pb[j]);
+    for (int64_t j = 0; j < vec_width; j += W) flush_lanes(q, j, load<vf>(pa + j), load<vf>(pb + j));
+    for (int64_t j = vec_width; j < q.width; ++j) {
+      q.acc_a[j] += static_cast<double>(pa[j]);
+      q.acc_b[j] += static_cast<double>(pb[j]);
+    }
   }
 }
 
@@ -589,7 +569,7 @@ inline void add_block_f(const Terms& terms, const RowPiece& q, int64_t r, int64_
   } else {
     for (int64_t k = 0; k < rows; ++k) add_row(k);
   }
-  for (int64_t u = 0; u < U; ++u) flush_lanes(terms, q, r, rows, j + u * W, sa[u], sb[u]);
+  for (int64_t u = 0; u < U; ++u) flush_lanes(q, j + u * W, sa[u], sb[u]);
 }
 
 // Blocked order, in double: lanes [j, j + U * kDoublesPerVec) of `rows` rows from r.
@@ -644,7 +624,8 @@ void reduce_rows_blocked(const Terms& terms, const RowPiece& q, int64_t o0, int6
       for (; j < q.width; ++j) {
         float a = 0.0f, b = 0.0f;
         for (int64_t k = 0; k < rows; ++k) terms.one_f(r + k * q.row_stride + j, shift[j], a, b);
-        flush_lane(terms, q, r, rows, j, a, b);
+        q.acc_a[j] += static_cast<double>(a);
+        q.acc_b[j] += static_cast<double>(b);
       }
     } else {
       for (; j + U * W <= vec_width; j += U * W) add_block_d<U>(terms, q, r, j, rows);
@@ -698,6 +679,19 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
       reduce_rows_in_order_f(terms, piece, o0, o1, s);
     } else {
       reduce_rows_in_order_d(terms, piece, o0, o1);
+    }
+    if (kFloatPartials<Terms> && !lanes_finite(piece)) {
+      // Some lane's float partial sums overflowed (|terms| > 4e37), or its data hold a NaN or an
+      // infinity: that lane is summed again over the task's rows in double (they are in cache).
+      // Lane by lane, so that no other lane's result depends on it.
+      for (int64_t j = 0; j < width; ++j) {
+        if (is_finite(acc_a[j]) && is_finite(acc_b[j])) continue;
+        double a = 0.0, b = 0.0;
+        for (int64_t o = o0; o < o1; ++o)
+          terms.one(o * row_stride + piece.base + j, lane_shift[j], a, b);
+        acc_a[j] = a;
+        acc_b[j] = b;
+      }
     }
     if (g.inner == 1) return;
     for (int64_t c = c0; c < c1; ++c) {
@@ -1186,14 +1180,16 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
   // compute type (so that float partial sums hold it exactly). A single element can lie a few
   // standard deviations from the mean, and the rounding of float partial sums grows with the
   // square of that distance; the mean of 8 typically lies a third of one away.
-  for (int64_t c = 0; c < g.channels; ++c) {
-    double sum = 0.0;
-    int64_t taken = 0;
-    for (int64_t o = 0; o < g.outer && taken < kPivotSamples; ++o)
-      for (int64_t i = 0; i < g.inner && taken < kPivotSamples; ++i, ++taken)
-        sum += static_cast<double>(x[(o * g.channels + c) * g.inner + i]);
-    st.shifts[c] = taken ? static_cast<double>(static_cast<C>(sum / taken)) : 0.0;
+  // Sample k of every channel is element (k / inner, k % inner) of it: read row by row.
+  const int64_t samples = min64(kPivotSamples, g.per_channel());
+  for (int64_t c = 0; c < g.channels; ++c) st.shifts[c] = 0.0;
+  for (int64_t k = 0; k < samples; ++k) {
+    const T* sample = x + (k / g.inner) * g.channels * g.inner + k % g.inner;
+    for (int64_t c = 0; c < g.channels; ++c)
+      st.shifts[c] += static_cast<double>(sample[c * g.inner]);
   }
+  for (int64_t c = 0; c < g.channels; ++c)
+    st.shifts[c] = samples ? static_cast<double>(static_cast<C>(st.shifts[c] / samples)) : 0.0;
   const double n = static_cast<double>(g.per_channel());
   C* const* coefs = st.coefs;
   const MomentTerms<T> terms{x};
