@@ -495,8 +495,7 @@ void reduce_rows_in_order_f(const Terms& terms, const RowPiece& q, int64_t o0, i
   const int64_t ahead = kInOrderPrefetchBytes / static_cast<int64_t>(sizeof(T));
   float* const pa = s.part_a;
   float* const pb = s.part_b;
-  float* const shift = s.part_shift;
-  for (int64_t j = 0; j < q.width; ++j) shift[j] = static_cast<float>(q.lane_shift[j]);
+  const float* const shift = s.part_shift;
   for (int64_t b0 = o0; b0 < o1; b0 += kPartialRows) {
     const int64_t b1 = min64(o1, b0 + kPartialRows);
     for (int64_t j = 0; j < q.width; ++j) pa[j] = pb[j] = 0.0f;
@@ -605,9 +604,7 @@ void reduce_rows_blocked(const Terms& terms, const RowPiece& q, int64_t o0, int6
   constexpr int64_t W = kFloat ? kVecElems<T> : kDoublesPerVec;
   constexpr int64_t U = line_vecs(W * static_cast<int64_t>(sizeof(T)));
   const int64_t vec_width = q.width - q.width % W;
-  float* const shift = s.part_shift;
-  if (kFloat)
-    for (int64_t j = 0; j < q.width; ++j) shift[j] = static_cast<float>(q.lane_shift[j]);
+  const float* const shift = s.part_shift;
   const int64_t piece_bytes = q.width * static_cast<int64_t>(sizeof(T));
   const int64_t ahead =
       kPartialRows * max64(1, ceil_div(kPrefetchAheadBytes, max64(1, kPartialRows * piece_bytes)));
@@ -670,6 +667,8 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     }
     for (int64_t j = 0; j < width; ++j) acc_a[j] = acc_b[j] = 0.0;
     const RowPiece piece{c0 * g.inner, row_stride, width, g.size(), lane_shift, acc_a, acc_b};
+    if constexpr (kFloatPartials<Terms>)  // the lanes' shifts in float, for either read order
+      for (int64_t j = 0; j < width; ++j) s.part_shift[j] = static_cast<float>(lane_shift[j]);
     const bool in_order = p.num_chunks == 1 &&
                           width * static_cast<int64_t>(sizeof(T)) <= kInOrderMaxRowBytes &&
                           streaming_output(g, sizeof(T));
