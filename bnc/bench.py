@@ -2,8 +2,10 @@
 
 For each case and operation (training forward with running-statistics update, inference forward,
 backward) the implementations run interleaved, repeat after repeat, and each figure is the median.
-Every implementation writes into preallocated outputs (bnc's ``out=``, PyTorch's ``.out``
-overloads), so the figures are kernel time, not page faults. Beside the times: effective bandwidth
+Every implementation writes into preallocated outputs of its own (bnc's ``out=``, PyTorch's
+``.out`` overloads, the copy's destination), so the figures are kernel time, not page faults; and
+no implementation pays for another's: an output buffer shared with PyTorch, whose ordinary stores
+leave it dirty in the cache, costs the next writer the write-back of those lines. Beside the times: effective bandwidth
 (each input read once, each output written once) and the fraction of the I/O bound, i.e. of the
 bandwidth of a multi-threaded copy of the same size measured in the same run.
 """
@@ -115,7 +117,8 @@ class _Setup:
                     dy, x, save_mean, save_invstd, weight, axis=axis),
             }
         if torch is not None:
-            self.impls["torch"] = self._torch_impls(torch, x, dy, y, dx, weight, bias, axis)
+            self.impls["torch"] = self._torch_impls(
+                torch, x, dy, np.empty_like(x), np.empty_like(x), weight, bias, axis)
 
     @staticmethod
     def _torch_impls(torch, x, dy, y, dx, weight, bias, axis):

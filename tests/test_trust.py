@@ -411,6 +411,7 @@ THREAD_CASES = [
     ((5, 3, 13, 17), 1, F16),
     ((6, 11, 11, 33), -1, F16),
     ((100003, 5), 1, F32),  # row family, odd N, row blocks merged
+    ((600, 3000), 1, F32),  # wide rows: chunks narrower than a row, 128-row blocks, a short last
     ((1, 3, 100000), 1, F64),  # a single row of long segments
     ((33, 77, 29, 31), 1, F32),  # segment family, odd everything, chunks and row blocks
     ((32, 256, 32, 32), 1, F32),  # ~32 MB
