@@ -5,9 +5,10 @@ backward) the implementations run interleaved, repeat after repeat, and each fig
 Every implementation writes into preallocated outputs of its own (bnc's ``out=``, PyTorch's
 ``.out`` overloads, the copy's destination), so the figures are kernel time, not page faults; and
 no implementation pays for another's: an output buffer shared with PyTorch, whose ordinary stores
-leave it dirty in the cache, costs the next writer the write-back of those lines. Beside the times: effective bandwidth
-(each input read once, each output written once) and the fraction of the I/O bound, i.e. of the
-bandwidth of a multi-threaded copy of the same size measured in the same run.
+leave it dirty in the cache, costs the next writer the write-back of those lines. Beside the
+times: effective bandwidth (each input read once, each output written once) and the fraction of
+the I/O bound, i.e. of the bandwidth of a multi-threaded copy of the same size measured in the
+same run.
 """
 
 from __future__ import annotations
