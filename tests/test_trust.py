@@ -291,6 +291,62 @@ def test_outlier_first_element_costs_no_digits(shape, axis, dtype, var_rtol, str
             assert np.array_equal(a, b), "results differ between thread counts or row orders"
 
 
+FOLD_CASES = [
+    ((100003, 3), 1),  # several row blocks; the last ends in a partial 16-row super-row
+    ((37, 7), 1),  # one fused task: two super-rows and 5 rows
+    ((5, 3), 1),  # fewer rows than one super-row
+    ((1001, 3, 5), 1),  # inner 5: a lane is a (channel, position, row of 16) triple
+    ((21, 13, 17, 3), -1),  # channels-last, 3 channels
+    ((4099, 63), 1),  # the widest folded row
+    ((4099, 64), 1),  # the narrowest row that is not folded
+]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(F16, 1e-6), (F32, 1e-6), (F64, 1e-13)], ids=_case_id)
+@pytest.mark.parametrize("shape,axis", FOLD_CASES, ids=_case_id)
+def test_narrow_rows_folded_into_super_rows(shape, axis, dtype, rtol, stream_threshold,
+                                            restore_num_threads):
+    """Rows narrower than 64 elements are reduced 16 rows at a time. Statistics and gradient
+    sums match the exact ones; every output is bitwise the same for 1 and 3 threads and both row
+    orders; a NaN in the last (partial) super-row of channel 1 spoils channel 1 only."""
+    x, dy, w, b, rm, rv = _inputs(shape, axis, dtype, seed=sum(shape))
+    mean, var, n = exact_stats(x, axis)
+    runs = []
+    for threads, threshold in ((1, 2 ** 62), (3, 2 ** 62), (2, 0)):  # never / always streamed
+        bnc.set_num_threads(threads)
+        _core._set_stream_threshold_bytes(threshold)
+        runs.append(_run_everything(x, dy, w, b, rm, rv, axis))
+    for other in runs[1:]:
+        _assert_bitwise(other, runs[0], "threads or row order")
+    out = runs[0]
+    np.testing.assert_allclose(out["save_mean"], mean, rtol=rtol, atol=1e-30, err_msg="mean")
+    np.testing.assert_allclose(1 / out["save_invstd"].astype(F64) ** 2 - 1e-5, var,
+                               rtol=max(rtol, 1e-12), atol=0, err_msg="variance")
+    x64, w64, b64 = x.astype(F64), w.astype(F64), b.astype(F64)
+    ref_y = reference.forward(x64, w64, b64, axis=axis)[0]
+    ref_dx, ref_gw, ref_gb = reference.backward(dy.astype(F64), x64, out["save_mean"],
+                                                out["save_invstd"], w64, axis=axis)
+    sums_tol = dict(rtol=1e-5, atol=1e-6 * n)
+    np.testing.assert_allclose(out["grad_bias"], ref_gb, **sums_tol, err_msg="grad_bias")
+    np.testing.assert_allclose(out["grad_weight"], ref_gw, **sums_tol, err_msg="grad_weight")
+    tol = 4e-3 if dtype == F16 else 1e-5
+    np.testing.assert_allclose(out["y"], ref_y, rtol=tol, atol=tol, err_msg="y")
+    np.testing.assert_allclose(out["dx"], ref_dx, rtol=tol, atol=tol, err_msg="dx")
+
+    bad = x.copy()
+    np.moveaxis(bad, axis, -1)[(-1,) * (x.ndim - 1) + (1,)] = np.nan  # last row, channel 1
+    with pytest.warns(RuntimeWarning, match="1 of"):
+        spoiled = _run_everything(bad, dy, w, b, rm, rv, axis)
+    others = [c for c in range(shape[axis]) if c != 1]
+    for key in ("y", "dx", "save_mean", "save_invstd", "grad_weight", "grad_bias"):
+        a, b_ = spoiled[key], out[key]
+        if a.ndim > 1:
+            a, b_ = np.take(a, others, axis=axis), np.take(b_, others, axis=axis)
+        else:
+            a, b_ = a[others], b_[others]
+        assert np.array_equal(a, b_), f"{key}: a NaN in channel 1 changed other channels"
+
+
 @pytest.mark.parametrize("shape,axis", [((4096, 8), 1), ((8, 4, 32, 32), 1),
                                         ((8, 4, 7, 7), 1), ((8, 7, 7, 16), -1),
                                         ((16, 5, 300), 1)], ids=_case_id)

@@ -228,6 +228,12 @@ constexpr int64_t kTaskBytes = 256 * 1024;
 // (4096, 1024) training forward 8-15% faster at 128 rows than at 16 and 64.
 constexpr int64_t kMinBlockRows = 128;
 constexpr int64_t kMaxRowBlocks = 256;
+// Row family: whole rows narrower than kFoldBelowWidth lanes are reduced kFoldRows rows at a
+// time (Plan::fold), so that a super-row's lanes fill whole vectors on every ISA (16 floats:
+// AVX-512). The fold is the same for every width, so that a channel's sums do not depend on how
+// many channels the tensor has (and the same on every ISA).
+constexpr int64_t kFoldRows = 16;
+constexpr int64_t kFoldBelowWidth = 64;
 // Chunks processed together (reduce, then apply) when not fused, so the second sweep hits L3.
 constexpr int64_t kGroupBytes = 4 * 1024 * 1024;
 // Below this many bytes of input the kernels run on one thread: thread start-up costs more.
@@ -244,6 +250,7 @@ struct Plan {
   int64_t num_row_blocks;
   int64_t chunks_per_group;
   bool fused;
+  int64_t fold = 1;  // row family: rows per super-row (reduce_task), 1 unless rows are narrow
   int64_t num_tasks() const { return num_chunks * num_row_blocks; }
 };
 
@@ -277,6 +284,13 @@ inline Plan make_plan(Geometry g, int64_t elem_bytes) {
     if (p.row_family) p.rows_per_block = max64(p.rows_per_block, kMinBlockRows);
     if (ceil_div(g.outer, p.rows_per_block) > kMaxRowBlocks)
       p.rows_per_block = ceil_div(g.outer, kMaxRowBlocks);
+  }
+  // Narrow whole rows (one chunk) are reduced kFoldRows rows at a time, as one super-row:
+  // rows of 3 or 7 lanes were summed element by element. Row blocks are whole super-rows
+  // (except the last).
+  if (p.row_family && p.num_chunks == 1 && g.channels * inner < kFoldBelowWidth) {
+    p.fold = kFoldRows;
+    if (!p.fused) p.rows_per_block = ceil_div(p.rows_per_block, p.fold) * p.fold;
   }
   p.num_row_blocks = max64(1, ceil_div(g.outer, p.rows_per_block));
   p.chunks_per_group = max64(1, kGroupBytes / chunk_bytes);
@@ -664,49 +678,75 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
   if (p.row_family) {
     // Lane j of the piece is element (c0 + j / inner, j % inner) of every row: one accumulator
     // per lane, rows added in order. With one element per channel in a row, the lanes are the
-    // channels: the sums go straight to out.
+    // channels: the sums go straight to out. Narrow rows are folded (Plan::fold): `fold`
+    // consecutive rows are one super-row of `lanes` lanes, lane j holding element j % width of
+    // its rows; a task's rows end with a partial super-row (`tail_width` lanes) when they are
+    // not a multiple of `fold`.
     const int64_t width = (c1 - c0) * g.inner;
-    double* acc_a = g.inner == 1 ? out_a : s.acc_a;
-    double* acc_b = g.inner == 1 ? out_b : s.acc_b;
+    const int64_t fold = p.fold;
+    const int64_t lanes = width * fold;
+    const bool direct = g.inner == 1 && fold == 1;
+    double* acc_a = direct ? out_a : s.acc_a;
+    double* acc_b = direct ? out_b : s.acc_b;
     const double* lane_shift = shifts + c0;
-    if (g.inner > 1) {
-      for (int64_t j = 0; j < width; ++j) s.shift[j] = shifts[c0 + j / g.inner];
+    if (!direct) {
+      for (int64_t j = 0; j < lanes; ++j) s.shift[j] = shifts[c0 + j % width / g.inner];
       lane_shift = s.shift;
     }
-    for (int64_t j = 0; j < width; ++j) acc_a[j] = acc_b[j] = 0.0;
-    const RowPiece piece{c0 * g.inner, row_stride, width, g.size(), lane_shift, acc_a, acc_b};
+    for (int64_t j = 0; j < lanes; ++j) acc_a[j] = acc_b[j] = 0.0;
+    RowPiece piece{c0 * g.inner, row_stride, lanes, g.size(), lane_shift, acc_a, acc_b};
+    int64_t r0 = o0, r1 = o1, tail_width = 0;  // the piece's rows, the partial super-row
+    if (fold > 1) {  // whole rows (one chunk), so a super-row is contiguous
+      piece.base = o0 * row_stride;
+      piece.row_stride = lanes;
+      r0 = 0;
+      r1 = (o1 - o0) / fold;
+      tail_width = (o1 - o0) % fold * width;
+    }
     if constexpr (kFloatPartials<Terms>)  // the lanes' shifts in float, for either read order
-      for (int64_t j = 0; j < width; ++j) s.part_shift[j] = static_cast<float>(lane_shift[j]);
+      for (int64_t j = 0; j < lanes; ++j) s.part_shift[j] = static_cast<float>(lane_shift[j]);
     const bool in_order = p.num_chunks == 1 &&
-                          width * static_cast<int64_t>(sizeof(T)) <= kInOrderMaxRowBytes &&
+                          lanes * static_cast<int64_t>(sizeof(T)) <= kInOrderMaxRowBytes &&
                           streaming_output(g, sizeof(T));
-    if (!in_order) {
-      reduce_rows_blocked(terms, piece, o0, o1, s, p.num_chunks > 1);
-    } else if constexpr (kFloatPartials<Terms>) {
-      reduce_rows_in_order_f(terms, piece, o0, o1, s);
-    } else {
-      reduce_rows_in_order_d(terms, piece, o0, o1);
+    auto read = [&](const RowPiece& q, int64_t q0, int64_t q1) {
+      if (!in_order) {
+        reduce_rows_blocked(terms, q, q0, q1, s, p.num_chunks > 1);
+      } else if constexpr (kFloatPartials<Terms>) {
+        reduce_rows_in_order_f(terms, q, q0, q1, s);
+      } else {
+        reduce_rows_in_order_d(terms, q, q0, q1);
+      }
+    };
+    read(piece, r0, r1);
+    if (tail_width > 0) {
+      RowPiece tail = piece;
+      tail.base += r1 * lanes;
+      tail.width = tail_width;
+      read(tail, 0, 1);
     }
     if (kFloatPartials<Terms> && !lanes_finite(piece)) {
       // Some lane's float partial sums overflowed (|terms| > 4e37), or its data hold a NaN or an
       // infinity: that lane is summed again over the task's rows in double (they are in cache).
       // Lane by lane, so that no other lane's result depends on it.
-      for (int64_t j = 0; j < width; ++j) {
+      for (int64_t j = 0; j < lanes; ++j) {
         if (is_finite(acc_a[j]) && is_finite(acc_b[j])) continue;
         double a = 0.0, b = 0.0;
-        for (int64_t o = o0; o < o1; ++o)
-          terms.one(o * row_stride + piece.base + j, lane_shift[j], a, b);
+        const int64_t rows = r1 - r0 + (j < tail_width ? 1 : 0);
+        for (int64_t o = r0; o < r0 + rows; ++o)
+          terms.one(o * piece.row_stride + piece.base + j, lane_shift[j], a, b);
         acc_a[j] = a;
         acc_b[j] = b;
       }
     }
-    if (g.inner == 1) return;
+    if (direct) return;
     for (int64_t c = c0; c < c1; ++c) {
       double sum_a = 0.0, sum_b = 0.0;
-      const int64_t first = (c - c0) * g.inner;
-      for (int64_t i = 0; i < g.inner; ++i) {
-        sum_a += acc_a[first + i];
-        sum_b += acc_b[first + i];
+      for (int64_t k = 0; k < fold; ++k) {
+        const int64_t first = k * width + (c - c0) * g.inner;
+        for (int64_t i = 0; i < g.inner; ++i) {
+          sum_a += acc_a[first + i];
+          sum_b += acc_b[first + i];
+        }
       }
       out_a[c - c0] = sum_a;
       out_b[c - c0] = sum_b;
