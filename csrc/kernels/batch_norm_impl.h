@@ -225,8 +225,10 @@ constexpr int64_t kTaskBytes = 256 * 1024;
 // (zeroing the sums, converting the shifts, the finiteness check) and writes a row of double
 // partials, all in proportion to the row width; with wide rows and 256 KiB tasks (16 rows of 16
 // KiB) that was 20-25% of the reduce. Measured at 2 threads (Zen 3): (1024, 4096) and
-// (4096, 1024) training forward 8-15% faster at 128 rows than at 16 and 64.
+// (4096, 1024) training forward 8-15% faster at 128 rows than at 16 and 64. Not below
+// kMinBlockRowsTasks row blocks, though (small tensors: threads need tasks).
 constexpr int64_t kMinBlockRows = 128;
+constexpr int64_t kMinBlockRowsTasks = 8;
 constexpr int64_t kMaxRowBlocks = 256;
 // Row family: whole rows narrower than kFoldBelowWidth lanes are reduced kFoldRows rows at a
 // time (Plan::fold), so that a super-row's lanes fill whole vectors on every ISA (16 floats:
@@ -281,7 +283,9 @@ inline Plan make_plan(Geometry g, int64_t elem_bytes) {
   } else {
     const int64_t row_bytes = p.chunk_channels * inner * elem_bytes;
     p.rows_per_block = max64(1, kTaskBytes / row_bytes);
-    if (p.row_family) p.rows_per_block = max64(p.rows_per_block, kMinBlockRows);
+    if (p.row_family)
+      p.rows_per_block = max64(p.rows_per_block,
+                               min64(kMinBlockRows, ceil_div(g.outer, kMinBlockRowsTasks)));
     if (ceil_div(g.outer, p.rows_per_block) > kMaxRowBlocks)
       p.rows_per_block = ceil_div(g.outer, kMaxRowBlocks);
   }
@@ -1087,17 +1091,20 @@ struct ApplyState {
 
 
 // The reduce -> finalize -> apply driver shared by forward training and backward.
-// finalize(c, sum_a, sum_b, last) turns channel c's sums into its coefficients (st.coefs[k][c])
-// and returns true; or, unless `last`, it may instead move the channel's shift (st.shifts[c])
-// and return false: then the channels of that chunk (fused) or group are summed once more
-// before their apply.
+// finalize(c0, c1, sums_a, sums_b, last) turns the sums of channels [c0, c1) (sums_a[c - c0])
+// into their coefficients (st.coefs[k][c]) and returns true; or, unless `last`, it may instead
+// move some channels' shifts (st.shifts[c]) and return false: then the channels of that chunk
+// (fused) or group are summed once more before their apply. A range at a time, so that the
+// per-channel arithmetic vectorizes (with many channels of few elements each it is a good part
+// of the work).
 template <bool Stream, class T, class Terms, class Finalize, class Map>
 void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize, const Map& map,
                            ApplyState<T, Map::kCoefs>& st, int threads) {
   const Geometry& g = p.g;
-  auto finalize_channel = [&](int64_t c, double sum_a, double sum_b, bool last) {
-    if (!finalize(c, sum_a, sum_b, last)) return false;
-    st.lanes.spread(c, st.coefs);
+  auto finalize_range = [&](int64_t c0, int64_t c1, const double* sums_a, const double* sums_b,
+                            bool last) {
+    if (!finalize(c0, c1, sums_a, sums_b, last)) return false;
+    for (int64_t c = c0; c < c1; ++c) st.lanes.spread(c, st.coefs);
     return true;
   };
   auto body = [&](int tid, int nth) {
@@ -1109,13 +1116,9 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
         const int64_t c0 = chunk * p.chunk_channels;
         const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
         reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
-        bool final_sums = true;
-        for (int64_t c = c0; c < c1; ++c)
-          final_sums &= finalize_channel(c, s.chunk_a[c - c0], s.chunk_b[c - c0], false);
-        if (!final_sums) {
+        if (!finalize_range(c0, c1, s.chunk_a, s.chunk_b, false)) {
           reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
-          for (int64_t c = c0; c < c1; ++c)
-            finalize_channel(c, s.chunk_a[c - c0], s.chunk_b[c - c0], true);
+          finalize_range(c0, c1, s.chunk_a, s.chunk_b, true);
         }
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, chunk, 0);
       }
@@ -1154,10 +1157,8 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
             sums_b[c] += pb[c];
           }
         }
-        bool final_sums = true;
-        for (int64_t c = c_first + cb; c < c_first + ce; ++c)
-          final_sums &= finalize_channel(c, sums_a[c], sums_b[c], last);
-        return final_sums;
+        const int64_t c0 = c_first + cb;
+        return finalize_range(c0, c_first + ce, sums_a + c0, sums_b + c0, last);
       };
       reduce_group();
       team_barrier(nth);
@@ -1219,9 +1220,10 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
   ApplyState<T, NormalizeMap<T>::kCoefs> st;
-  if (!st.allocate(p, threads, 2)) return -1;
+  if (!st.allocate(p, threads, 3)) return -1;
   double* mean = st.ws.template take<double>(g.channels);
   double* var = st.ws.template take<double>(g.channels);
+  double* invstd = st.ws.template take<double>(g.channels);
 
   // The pivot of each channel: the mean of its first kPivotSamples elements, a number of the
   // compute type (so that float partial sums hold it exactly). A single element can lie a few
@@ -1232,35 +1234,50 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
   for (int64_t c = 0; c < g.channels; ++c) st.shifts[c] = 0.0;
   for (int64_t k = 0; k < samples; ++k) {
     const T* sample = x + (k / g.inner) * g.channels * g.inner + k % g.inner;
-    for (int64_t c = 0; c < g.channels; ++c)
-      st.shifts[c] += static_cast<double>(sample[c * g.inner]);
+    if (g.inner == 1) {  // a row: contiguous, so the loop vectorizes
+      for (int64_t c = 0; c < g.channels; ++c) st.shifts[c] += static_cast<double>(sample[c]);
+    } else {
+      for (int64_t c = 0; c < g.channels; ++c)
+        st.shifts[c] += static_cast<double>(sample[c * g.inner]);
+    }
   }
   for (int64_t c = 0; c < g.channels; ++c)
     st.shifts[c] = samples ? static_cast<double>(static_cast<C>(st.shifts[c] / samples)) : 0.0;
   const double n = static_cast<double>(g.per_channel());
   C* const* coefs = st.coefs;
   const MomentTerms<T> terms{x};
-  auto finalize = [&](int64_t c, double sum_d, double sum_dd, bool last) {
-    if (kFloatPartials<MomentTerms<T>> && p.row_family && sum_dd < kTinySquares * n &&
-        !(sum_dd == 0.0 && sum_d == 0.0))
-      channel_sums_in_double(terms, g, c, st.shifts[c], sum_d, sum_dd);
-    const double mean_offset = sum_d / n;
-    double v = sum_dd / n - mean_offset * mean_offset;
-    if (!last && mean_offset * mean_offset > kRepivotStds * kRepivotStds * v) {
-      // The pivot is an outlier: sum the channel again around its mean (a number of the compute
-      // type, so float partial sums stay exact in their shift).
-      st.shifts[c] = static_cast<double>(static_cast<C>(st.shifts[c] + mean_offset));
-      return false;
+  auto finalize = [&](int64_t c0, int64_t c1, const double* sums_d, const double* sums_dd,
+                      bool last) {
+    bool final_sums = true;
+    for (int64_t c = c0; c < c1; ++c) {
+      double sum_d = sums_d[c - c0], sum_dd = sums_dd[c - c0];
+      if (kFloatPartials<MomentTerms<T>> && p.row_family && sum_dd < kTinySquares * n &&
+          !(sum_dd == 0.0 && sum_d == 0.0))
+        channel_sums_in_double(terms, g, c, st.shifts[c], sum_d, sum_dd);
+      const double mean_offset = sum_d / n;
+      double v = sum_dd / n - mean_offset * mean_offset;
+      if (!last && mean_offset * mean_offset > kRepivotStds * kRepivotStds * v) {
+        // The pivot is an outlier: sum the channel again around its mean (a number of the
+        // compute type, so float partial sums stay exact in their shift).
+        st.shifts[c] = static_cast<double>(static_cast<C>(st.shifts[c] + mean_offset));
+        final_sums = false;
+        continue;
+      }
+      if (v < 0.0) v = 0.0;  // rounding only; NaN passes through
+      mean[c] = st.shifts[c] + mean_offset;
+      var[c] = v;
     }
-    if (v < 0.0) v = 0.0;  // rounding only; NaN passes through
-    const double m = st.shifts[c] + mean_offset;
-    const double invstd = 1.0 / __builtin_sqrt(v + eps);
-    mean[c] = m;
-    var[c] = v;
-    save_mean[c] = static_cast<P>(m);
-    save_invstd[c] = static_cast<P>(invstd);
-    set_normalize(coefs, c, m, weight ? invstd * static_cast<double>(weight[c]) : invstd,
-                  bias ? static_cast<double>(bias[c]) : 0.0);
+    if (!final_sums) return false;
+    // Square roots and divisions, the slowest instructions here, in a loop of their own: it
+    // vectorizes.
+    for (int64_t c = c0; c < c1; ++c) invstd[c] = 1.0 / __builtin_sqrt(var[c] + eps);
+    for (int64_t c = c0; c < c1; ++c) {
+      save_mean[c] = static_cast<P>(mean[c]);
+      save_invstd[c] = static_cast<P>(invstd[c]);
+      set_normalize(coefs, c, mean[c],
+                    weight ? invstd[c] * static_cast<double>(weight[c]) : invstd[c],
+                    bias ? static_cast<double>(bias[c]) : 0.0);
+    }
     return true;
   };
   const NormalizeMap<T> map{x, y};
@@ -1378,16 +1395,20 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
   const double n = static_cast<double>(g.per_channel());
   C* const* coefs = st.coefs;
   const GradTerms<T> terms{dy, x};
-  auto finalize = [&](int64_t c, double sum_dy, double sum_dy_xmu, bool /*last*/) {
-    const double invstd = static_cast<double>(save_invstd[c]);
-    const double a = weight ? invstd * static_cast<double>(weight[c]) : invstd;
-    grad_bias[c] = static_cast<P>(sum_dy);
-    grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
-    coefs[0][c] = static_cast<C>(a);
-    if constexpr (Map::kCoefs == 4) {
-      coefs[1][c] = static_cast<C>(st.shifts[c]);  // exact: the saved mean is a P <= C number
-      coefs[2][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
-      coefs[3][c] = static_cast<C>(-a * sum_dy / n);
+  auto finalize = [&](int64_t c0, int64_t c1, const double* sums_dy, const double* sums_dy_xmu,
+                      bool /*last*/) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const double sum_dy = sums_dy[c - c0], sum_dy_xmu = sums_dy_xmu[c - c0];
+      const double invstd = static_cast<double>(save_invstd[c]);
+      const double a = weight ? invstd * static_cast<double>(weight[c]) : invstd;
+      grad_bias[c] = static_cast<P>(sum_dy);
+      grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
+      coefs[0][c] = static_cast<C>(a);
+      if constexpr (Map::kCoefs == 4) {
+        coefs[1][c] = static_cast<C>(st.shifts[c]);  // exact: the saved mean is a P <= C number
+        coefs[2][c] = static_cast<C>(-a * invstd * invstd * sum_dy_xmu / n);
+        coefs[3][c] = static_cast<C>(-a * sum_dy / n);
+      }
     }
     return true;  // the shift is the saved mean: no outlier pivot to move away from
   };
