@@ -291,6 +291,38 @@ def test_outlier_first_element_costs_no_digits(shape, axis, dtype, var_rtol, str
             assert np.array_equal(a, b), "results differ between thread counts or row orders"
 
 
+@pytest.mark.parametrize("k", [5.0, 7.9])
+@pytest.mark.parametrize("shape,axis", [((4096, 64), 1), ((32, 16, 16, 64), -1)], ids=_case_id)
+def test_pivot_a_few_stds_out_costs_no_digits(shape, axis, k, stream_threshold,
+                                              restore_num_threads):
+    """The first 8 elements of every channel lie k standard deviations from its mean (a drift,
+    or a batch sorted by something): their mean, the pivot, is that far out, which magnifies the
+    rounding of the float32 partial sums by about 1 + k^2. Such channels are summed again around
+    their mean: the float32 variance stays at float32's own rounding (measured 7.9e-7 at k = 7.9
+    before the second pass), bitwise the same for 1 and 3 threads and both row orders."""
+    c = shape[axis]
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        xc = rng.standard_normal((int(np.prod(shape)) // c, c))
+        xc[:8] = k + 0.01 * rng.standard_normal((8, c))
+        x = np.ascontiguousarray(np.moveaxis(
+            xc.reshape(np.moveaxis(np.empty(shape), axis, -1).shape), -1, axis)).astype(F32)
+        mean, var, n = exact_stats(x, axis)
+        runs = []
+        for threads, threshold in ((1, 2 ** 62), (3, 2 ** 62), (2, 0)):
+            bnc.set_num_threads(threads)
+            _core._set_stream_threshold_bytes(threshold)
+            rm, rv = np.zeros(c, F32), np.zeros(c, F32)
+            y, m, s = bnc.batch_norm_forward(x, None, None, rm, rv, momentum=1.0, axis=axis)
+            runs.append((y, m, s, rm, rv))
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                assert np.array_equal(a, b), "threads or row orders differ"
+        rv = runs[0][4]
+        np.testing.assert_allclose(rv.astype(F64) * (n - 1) / n, var, rtol=2.5e-7, atol=0,
+                                   err_msg=f"variance, pivot {k} std out, seed {seed}")
+
+
 FOLD_CASES = [
     ((100003, 3), 1),  # several row blocks; the last ends in a partial 16-row super-row
     ((37, 7), 1),  # one fused task: two super-rows and 5 rows
