@@ -102,6 +102,32 @@ def _assert_bitwise(got, want, what):
             )
 
 
+def _same_bits_for_threads_and_row_orders(run):
+    """run() (a dict of arrays) with 1 and 3 threads and the input never streamed, and with 2
+    threads and the input always streamed (the other row order of the channels-last reduce):
+    asserts the three results bitwise identical and returns the first. Needs the
+    stream_threshold and restore_num_threads fixtures."""
+    results = []
+    for threads, threshold in ((1, 2 ** 62), (3, 2 ** 62), (2, 0)):
+        bnc.set_num_threads(threads)
+        _core._set_stream_threshold_bytes(threshold)
+        results.append(run())
+    for other in results[1:]:
+        _assert_bitwise(other, results[0], "thread counts or row orders")
+    return results[0]
+
+
+def _forward_momentum_1(x, axis):
+    """Training forward from zero running statistics with momentum 1: every output, and the
+    running statistics equal to the batch's (the variance unbiased)."""
+    c = x.shape[axis]
+    rm, rv = np.zeros(c, x.dtype), np.zeros(c, x.dtype)
+    y, save_mean, save_invstd = bnc.batch_norm_forward(x, None, None, rm, rv, momentum=1.0,
+                                                       axis=axis)
+    return dict(y=y, save_mean=save_mean, save_invstd=save_invstd, running_mean=rm,
+                running_var=rv)
+
+
 def _case_id(v):
     if isinstance(v, tuple):
         return "x".join(map(str, v))
@@ -269,26 +295,15 @@ def test_outlier_first_element_costs_no_digits(shape, axis, dtype, var_rtol, str
     stay within a few ulps of the exact one, bitwise the same for 1 and 3 threads and with
     streamed input (the other row order)."""
     rng = np.random.default_rng(1000 + shape[axis])
-    c = shape[axis]
     x = (1000 + rng.standard_normal(shape)).astype(dtype)
     first = [0] * x.ndim
     first[axis] = slice(0, None, 2)  # even channels only
     x[tuple(first)] = 0
     mean, var, n = exact_stats(x, axis)
-    results = []
-    for threads, threshold in ((1, 2 ** 62), (3, 2 ** 62), (2, 0)):  # never / always streamed
-        bnc.set_num_threads(threads)
-        _core._set_stream_threshold_bytes(threshold)
-        rm, rv = np.zeros(c, dtype), np.zeros(c, dtype)
-        y, save_mean, save_invstd = bnc.batch_norm_forward(x, None, None, rm, rv, momentum=1.0,
-                                                           axis=axis)
-        np.testing.assert_allclose(rv.astype(F64) * (n - 1) / n, var, rtol=var_rtol, atol=0,
-                                   err_msg=f"variance, {threads} threads")
-        np.testing.assert_allclose(save_mean, mean, rtol=var_rtol, atol=0, err_msg="mean")
-        results.append((y, save_mean, save_invstd, rm, rv))
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert np.array_equal(a, b), "results differ between thread counts or row orders"
+    out = _same_bits_for_threads_and_row_orders(lambda: _forward_momentum_1(x, axis))
+    np.testing.assert_allclose(out["running_var"].astype(F64) * (n - 1) / n, var, rtol=var_rtol,
+                               atol=0, err_msg="variance")
+    np.testing.assert_allclose(out["save_mean"], mean, rtol=var_rtol, atol=0, err_msg="mean")
 
 
 @pytest.mark.parametrize("k", [5.0, 7.9])
@@ -308,18 +323,9 @@ def test_pivot_a_few_stds_out_costs_no_digits(shape, axis, k, stream_threshold,
         x = np.ascontiguousarray(np.moveaxis(
             xc.reshape(np.moveaxis(np.empty(shape), axis, -1).shape), -1, axis)).astype(F32)
         mean, var, n = exact_stats(x, axis)
-        runs = []
-        for threads, threshold in ((1, 2 ** 62), (3, 2 ** 62), (2, 0)):
-            bnc.set_num_threads(threads)
-            _core._set_stream_threshold_bytes(threshold)
-            rm, rv = np.zeros(c, F32), np.zeros(c, F32)
-            y, m, s = bnc.batch_norm_forward(x, None, None, rm, rv, momentum=1.0, axis=axis)
-            runs.append((y, m, s, rm, rv))
-        for other in runs[1:]:
-            for a, b in zip(runs[0], other):
-                assert np.array_equal(a, b), "threads or row orders differ"
-        rv = runs[0][4]
-        np.testing.assert_allclose(rv.astype(F64) * (n - 1) / n, var, rtol=2.5e-7, atol=0,
+        out = _same_bits_for_threads_and_row_orders(lambda: _forward_momentum_1(x, axis))
+        np.testing.assert_allclose(out["running_var"].astype(F64) * (n - 1) / n, var,
+                                   rtol=2.5e-7, atol=0,
                                    err_msg=f"variance, pivot {k} std out, seed {seed}")
 
 
@@ -343,14 +349,8 @@ def test_narrow_rows_folded_into_super_rows(shape, axis, dtype, rtol, stream_thr
     orders; a NaN in the last (partial) super-row of channel 1 spoils channel 1 only."""
     x, dy, w, b, rm, rv = _inputs(shape, axis, dtype, seed=sum(shape))
     mean, var, n = exact_stats(x, axis)
-    runs = []
-    for threads, threshold in ((1, 2 ** 62), (3, 2 ** 62), (2, 0)):  # never / always streamed
-        bnc.set_num_threads(threads)
-        _core._set_stream_threshold_bytes(threshold)
-        runs.append(_run_everything(x, dy, w, b, rm, rv, axis))
-    for other in runs[1:]:
-        _assert_bitwise(other, runs[0], "threads or row order")
-    out = runs[0]
+    out = _same_bits_for_threads_and_row_orders(
+        lambda: _run_everything(x, dy, w, b, rm, rv, axis))
     np.testing.assert_allclose(out["save_mean"], mean, rtol=rtol, atol=1e-30, err_msg="mean")
     np.testing.assert_allclose(1 / out["save_invstd"].astype(F64) ** 2 - 1e-5, var,
                                rtol=max(rtol, 1e-12), atol=0, err_msg="variance")
