@@ -475,11 +475,13 @@ def test_large_tensor_streaming_and_not_are_bitwise_identical(stream_threshold,
 
 def test_copy_with_streaming_stores_is_exact(stream_threshold):
     """bnc._core.copy (the benchmark's yardstick) with every size streamed: odd sizes, and
-    source/destination starting at every offset within a 16-byte vector."""
+    source/destination starting at every offset within a 16-byte vector. Sizes past 4 KiB + 64
+    bytes per thread reach the loop that prefetches the source 4 KiB ahead."""
     rng = np.random.default_rng(5)
-    src_buf = rng.integers(0, 256, 5000, dtype=np.uint8)
+    src_buf = rng.integers(0, 256, 100_100, dtype=np.uint8)
     _core._set_stream_threshold_bytes(0)
-    for size in (0, 1, 7, 15, 16, 17, 63, 64, 65, 127, 129, 1000, 4099):
+    for size in (0, 1, 7, 15, 16, 17, 63, 64, 65, 127, 129, 1000, 4099, 4160, 4177, 8257, 20011,
+                 100_003):
         for so in (0, 1, 5, 15):
             for do in (0, 1, 3, 8, 15):
                 dst_buf = np.zeros(size + 32, np.uint8)

@@ -8,6 +8,7 @@
 
 #if defined(__x86_64__)
 #include <emmintrin.h>
+#include <xmmintrin.h>
 #endif
 
 #if BNC_HAVE_OPENMP
@@ -18,7 +19,12 @@ namespace bnc {
 namespace {
 
 // Copies with non-temporal stores (as the kernels write large outputs), so the yardstick moves
-// each byte once each way, like the kernels do.
+// each byte once each way, like the kernels do. The source is prefetched kCopyPrefetchBytes
+// ahead, a line at a time: a yardstick must be the fastest copy we know, and this one is 3-26%
+// faster than without (measured on Zen 3, 1 and 2 threads, 8-103 MB, timed as the benchmark times
+// it; never slower).
+constexpr int64_t kCopyPrefetchBytes = 4096;
+
 void stream_copy(const char* from, char* to, int64_t bytes) {
 #if defined(__x86_64__)
   int64_t i = 0;
@@ -26,6 +32,12 @@ void stream_copy(const char* from, char* to, int64_t bytes) {
   if (head > 0) {
     std::memcpy(to, from, static_cast<size_t>(head < bytes ? head : bytes));
     i = head;
+  }
+  for (; i + 64 + kCopyPrefetchBytes <= bytes; i += 64) {
+    _mm_prefetch(from + i + kCopyPrefetchBytes, _MM_HINT_T0);
+    for (int k = 0; k < 64; k += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(to + i + k),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i + k)));
   }
   for (; i + 16 <= bytes; i += 16)
     _mm_stream_si128(reinterpret_cast<__m128i*>(to + i),
