@@ -911,10 +911,20 @@ struct LaneCoefs {
   }
 };
 
-// Applies `map` to elements [e, end) of the flattened tensor, in memory order.
+// Inference reads its inputs once, from wherever they are: they are prefetched this far ahead
+// of the vector being written, since hardware prefetch alone keeps too few lines in flight for a
+// loop that does arithmetic between its loads and stores. Measured on Zen 3 (2 threads, avx2
+// path, in the benchmark's conditions): inference 5-24% faster; 8 and 16 KiB ahead no better.
+// Not in the second sweep of training forward and backward, whose inputs are meant to be still
+// in L2 (fused chunks) or L3 (the reverse sweep): there the prefetches cost up to 25% when the
+// inputs were in L3 and gained up to 12% when they were not.
+constexpr int64_t kApplyPrefetchBytes = 4096;
+
+// Applies `map` to elements [e, end) of the flattened tensor, in memory order; `prefetch`: its
+// inputs kApplyPrefetchBytes ahead.
 template <bool Stream, class T, class Map>
 void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
-                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t e, int64_t end) {
+                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t e, int64_t end, bool prefetch) {
   using C = Compute<T>;
   using V = Vec<T>;
   constexpr int K = Map::kCoefs;
@@ -922,6 +932,8 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
   constexpr uintptr_t kAlign = sizeof(typename Types<T>::RawForVec);
   if (e >= end) return;  // also keeps empty tensors (inner == 0) away from the divisions below
   T* const out = map.out;
+  constexpr int64_t ahead = kApplyPrefetchBytes / static_cast<int64_t>(sizeof(T));
+  const int64_t prefetch_end = prefetch ? end - ahead : e;  // prefetches stay inside the range
   auto aligned = [&](int64_t at) {
     return !Stream || reinterpret_cast<uintptr_t>(out + at) % kAlign == 0;
   };
@@ -953,6 +965,7 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
     }
     const V lane_index = iota<V, C>();
     for (; e + W <= end; e += W) {
+      if (e < prefetch_end) map.prefetch(e + ahead, W);
       if (e == segment_end) advance();
       if (e + W <= segment_end) {
         put<Stream>(out + e, map.vec(e, kv));
@@ -986,6 +999,7 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
   };
   while (e < end && !aligned(e)) one();
   for (; e + W <= end; e += W) {
+    if (e < prefetch_end) map.prefetch(e + ahead, W);
     V kv[K];
     for (int k = 0; k < K; ++k) kv[k] = load<V>(lane_coef[k] + j);
     put<Stream>(out + e, map.vec(e, kv));
@@ -996,21 +1010,23 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
 }
 
 // Applies `map` on task (chunk, row_block): a contiguous range when chunks are whole rows, else
-// one piece per row, the next piece prefetched.
+// one piece per row, the next piece prefetched (its inputs are expected in cache otherwise: no
+// prefetch ahead, see kApplyPrefetchBytes).
 template <bool Stream, class T, class Map>
 void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block) {
+  constexpr bool prefetch = false;
   const Geometry& g = p.g;
   const auto [c0, c1, o0, o1] = TaskBounds(p, chunk, row_block);
   const int64_t row = g.channels * g.inner;
   if (p.num_chunks == 1) {
-    apply_range<Stream, T>(g, map, coefs, lanes, o0 * row, o1 * row);
+    apply_range<Stream, T>(g, map, coefs, lanes, o0 * row, o1 * row, prefetch);
     return;
   }
   for (int64_t o = o0; o < o1; ++o) {
     const int64_t piece = (o * g.channels + c0) * g.inner;
     if (o + 1 < o1) map.prefetch(piece + row, (c1 - c0) * g.inner);
-    apply_range<Stream, T>(g, map, coefs, lanes, piece, piece + (c1 - c0) * g.inner);
+    apply_range<Stream, T>(g, map, coefs, lanes, piece, piece + (c1 - c0) * g.inner, prefetch);
   }
 }
 
@@ -1327,10 +1343,10 @@ int64_t apply_everywhere(const Geometry& g, const Map& map, SetCoefs&& set_coefs
     const int64_t begin = total / 64 * tid / nth * 64;
     const int64_t end = tid + 1 == nth ? total : total / 64 * (tid + 1) / nth * 64;
     if (stream) {
-      apply_range<true, T>(g, map, st.coefs, st.lanes, begin, end);
+      apply_range<true, T>(g, map, st.coefs, st.lanes, begin, end, /*prefetch=*/true);
       stream_fence();
     } else {
-      apply_range<false, T>(g, map, st.coefs, st.lanes, begin, end);
+      apply_range<false, T>(g, map, st.coefs, st.lanes, begin, end, /*prefetch=*/true);
     }
   };
   run_team(threads, body);
