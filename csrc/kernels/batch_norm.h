@@ -64,6 +64,9 @@ struct KernelTable {
 int64_t stream_threshold_bytes();
 void set_stream_threshold_bytes(int64_t bytes);
 
+// The L3 cache size this CPU's cores see (32 MiB when unknown). Defined in dispatch.cpp.
+int64_t l3_bytes();
+
 // Per-ISA tables, defined in isa_*.cpp.
 const KernelTable& kernel_table_baseline();
 const KernelTable& kernel_table_avx2();

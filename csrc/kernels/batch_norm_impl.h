@@ -801,6 +801,7 @@ template <class T>
 struct NormalizeMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 3;  // mean_hi, scale, shift_lo
+  static constexpr int kInputs = 1;
   const T* x;
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
@@ -825,6 +826,7 @@ template <class T>
 struct GradTrainMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 4;  // a, mean, b, k
+  static constexpr int kInputs = 2;
   const T* dy;
   const T* x;
   T* out;
@@ -845,6 +847,7 @@ template <class T>
 struct GradEvalMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 1;
+  static constexpr int kInputs = 1;
   const T* dy;
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(dy + off, count); }
@@ -911,13 +914,15 @@ struct LaneCoefs {
   }
 };
 
-// Inference reads its inputs once, from wherever they are: they are prefetched this far ahead
-// of the vector being written, since hardware prefetch alone keeps too few lines in flight for a
-// loop that does arithmetic between its loads and stores. Measured on Zen 3 (2 threads, avx2
-// path, in the benchmark's conditions): inference 5-24% faster; 8 and 16 KiB ahead no better.
-// Not in the second sweep of training forward and backward, whose inputs are meant to be still
-// in L2 (fused chunks) or L3 (the reverse sweep): there the prefetches cost up to 25% when the
-// inputs were in L3 and gained up to 12% when they were not.
+// Inputs that come from memory are prefetched this far ahead of the vector being written, since
+// hardware prefetch alone keeps too few lines in flight for a loop that does arithmetic between
+// its loads and stores. Measured on Zen 3 (2 threads, avx2 path, in the benchmark's conditions):
+// inference on 8 MB and more (as large as the stream threshold: too large for the cache) 4-24%
+// faster; 8 and 16 KiB ahead no better. Inputs in cache only pay for the prefetches: inference
+// on 1-4 MB 9-20% slower with them. Likewise the second sweep of training forward and backward
+// expects its inputs still in L2 (fused chunks) or L3 (the reverse sweep): prefetching there cost
+// up to 25% when they were in L3, and gained 5-11% on channels-last tensors of 51-103 MB, so it
+// is done only when they cannot all be (second_sweep_from_memory).
 constexpr int64_t kApplyPrefetchBytes = 4096;
 
 // Applies `map` to elements [e, end) of the flattened tensor, in memory order; `prefetch`: its
@@ -1010,12 +1015,11 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
 }
 
 // Applies `map` on task (chunk, row_block): a contiguous range when chunks are whole rows, else
-// one piece per row, the next piece prefetched (its inputs are expected in cache otherwise: no
-// prefetch ahead, see kApplyPrefetchBytes).
+// one piece per row, the next piece prefetched. `prefetch` as for apply_range.
 template <bool Stream, class T, class Map>
 void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
-                const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block) {
-  constexpr bool prefetch = false;
+                const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block,
+                bool prefetch) {
   const Geometry& g = p.g;
   const auto [c0, c1, o0, o1] = TaskBounds(p, chunk, row_block);
   const int64_t row = g.channels * g.inner;
@@ -1113,10 +1117,19 @@ struct ApplyState {
 // (fused) or group are summed once more before their apply. A range at a time, so that the
 // per-channel arithmetic vectorizes (with many channels of few elements each it is a good part
 // of the work).
+// Whether the second sweep (unfused) must read its inputs from memory: a group of chunks of every
+// input tensor is larger than L3, so its first-read part is gone by the time it is applied.
+inline bool second_sweep_from_memory(const Plan& p, int64_t elem_bytes, int inputs) {
+  if (p.fused) return false;
+  const int64_t group_channels = min64(p.chunks_per_group * p.chunk_channels, p.g.channels);
+  return group_channels * p.g.outer * p.g.inner * elem_bytes * inputs > l3_bytes();
+}
+
 template <bool Stream, class T, class Terms, class Finalize, class Map>
 void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize, const Map& map,
                            ApplyState<T, Map::kCoefs>& st, int threads) {
   const Geometry& g = p.g;
+  const bool prefetch = second_sweep_from_memory(p, sizeof(T), Map::kInputs);
   auto finalize_range = [&](int64_t c0, int64_t c1, const double* sums_a, const double* sums_b,
                             bool last) {
     if (!finalize(c0, c1, sums_a, sums_b, last)) return false;
@@ -1136,7 +1149,7 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
           reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
           finalize_range(c0, c1, s.chunk_a, s.chunk_b, true);
         }
-        apply_task<Stream, T>(p, map, st.coefs, st.lanes, chunk, 0);
+        apply_task<Stream, T>(p, map, st.coefs, st.lanes, chunk, 0, /*prefetch=*/false);
       }
       if (Stream) stream_fence();
       return;
@@ -1190,7 +1203,7 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
       // Reverse order: the tasks this thread reduced last are still in its cache.
       for (int64_t t = end - 1; t >= begin; --t)
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, first + t / p.num_row_blocks,
-                              t % p.num_row_blocks);
+                              t % p.num_row_blocks, prefetch);
       if (Stream) stream_fence();
       // No barrier here: the next group touches other channels' partials and coefficients only,
       // and the parallel region's end joins the last group.
@@ -1342,11 +1355,11 @@ int64_t apply_everywhere(const Geometry& g, const Map& map, SetCoefs&& set_coefs
   auto body = [&](int tid, int nth) {
     const int64_t begin = total / 64 * tid / nth * 64;
     const int64_t end = tid + 1 == nth ? total : total / 64 * (tid + 1) / nth * 64;
-    if (stream) {
+    if (stream) {  // too large for the cache: the input comes from memory too
       apply_range<true, T>(g, map, st.coefs, st.lanes, begin, end, /*prefetch=*/true);
       stream_fence();
     } else {
-      apply_range<false, T>(g, map, st.coefs, st.lanes, begin, end, /*prefetch=*/true);
+      apply_range<false, T>(g, map, st.coefs, st.lanes, begin, end, /*prefetch=*/false);
     }
   };
   run_team(threads, body);
@@ -1363,6 +1376,7 @@ template <class T>
 struct AffineMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 2;  // scale, offset
+  static constexpr int kInputs = 1;
   const T* x;
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }

@@ -122,4 +122,12 @@ void set_stream_threshold_bytes(int64_t bytes) {
   g_stream_threshold = bytes < 0 ? default_stream_threshold() : bytes;
 }
 
+int64_t l3_bytes() {
+  static const int64_t bytes = [] {
+    const int64_t l3 = l3_cache_bytes();
+    return l3 > 0 ? l3 : int64_t{32} << 20;
+  }();
+  return bytes;
+}
+
 }  // namespace bnc
