@@ -1110,13 +1110,6 @@ struct ApplyState {
 };
 
 
-// The reduce -> finalize -> apply driver shared by forward training and backward.
-// finalize(c0, c1, sums_a, sums_b, last) turns the sums of channels [c0, c1) (sums_a[c - c0])
-// into their coefficients (st.coefs[k][c]) and returns true; or, unless `last`, it may instead
-// move some channels' shifts (st.shifts[c]) and return false: then the channels of that chunk
-// (fused) or group are summed once more before their apply. A range at a time, so that the
-// per-channel arithmetic vectorizes (with many channels of few elements each it is a good part
-// of the work).
 // Whether the second sweep (unfused) must read its inputs from memory: a group of chunks of every
 // input tensor is larger than L3, so its first-read part is gone by the time it is applied.
 inline bool second_sweep_from_memory(const Plan& p, int64_t elem_bytes, int inputs) {
@@ -1125,6 +1118,13 @@ inline bool second_sweep_from_memory(const Plan& p, int64_t elem_bytes, int inpu
   return group_channels * p.g.outer * p.g.inner * elem_bytes * inputs > l3_bytes();
 }
 
+// The reduce -> finalize -> apply driver shared by forward training and backward.
+// finalize(c0, c1, sums_a, sums_b, last) turns the sums of channels [c0, c1) (sums_a[c - c0])
+// into their coefficients (st.coefs[k][c]) and returns true; or, unless `last`, it may instead
+// move some channels' shifts (st.shifts[c]) and return false: then the channels of that chunk
+// (fused) or group are summed once more before their apply. A range at a time, so that the
+// per-channel arithmetic vectorizes (with many channels of few elements each it is a good part
+// of the work).
 template <bool Stream, class T, class Terms, class Finalize, class Map>
 void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize, const Map& map,
                            ApplyState<T, Map::kCoefs>& st, int threads) {
