@@ -1376,7 +1376,6 @@ template <class T>
 struct AffineMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 2;  // scale, offset
-  static constexpr int kInputs = 1;
   const T* x;
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }

@@ -35,10 +35,7 @@ int64_t l3_cache_bytes() {
   return 0;
 }
 
-int64_t default_stream_threshold() {
-  const int64_t l3 = l3_cache_bytes();
-  return l3 > 0 ? l3 / 4 : int64_t{8} << 20;
-}
+int64_t default_stream_threshold() { return l3_bytes() / 4; }
 
 bool cpu_has(const std::string& isa) {
   if (isa == "baseline") return true;
