@@ -49,7 +49,13 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-bool is_native(const py::array& a) { return a.dtype().attr("isnative").cast<bool>(); }
+// NumPy's dtype.isnative, read from the descriptor rather than through a Python attribute: the
+// checks run on every call, and a cold interpreter (after a large kernel) pays for each lookup.
+bool is_native(const py::array& a) {
+  const char order = a.dtype().byteorder();
+  constexpr char kNativeOrder = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '<' : '>';
+  return order == '=' || order == '|' || order == kNativeOrder;
+}
 
 py::array as_array(const py::handle& obj, const char* name) {
   if (!py::isinstance<py::array>(obj))
