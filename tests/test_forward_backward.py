@@ -38,6 +38,7 @@ SHAPES = [
     ((4, 37, 7, 7), 1),  # 7x7
     ((2, 3, 28, 28), 1),  # 28x28
     ((96, 3, 28, 28), 1),  # 28x28, channel bigger than a cached block
+    ((64, 3, 28, 28), 1),  # float32: one channel per cached block, runs under 4 KiB (fused)
     ((256, 8, 7, 7), 1),  # short segments, channel chunk bigger than a cached block
     ((64, 2, 1030), 1),  # long segments with a tail, channel bigger than a cached block
     ((2, 3, 4, 5, 6), 1),  # (N, C, D, H, W)

@@ -505,6 +505,7 @@ THREAD_CASES = [
     ((1, 3, 100000), 1, F64),  # a single row of long segments
     ((33, 77, 29, 31), 1, F32),  # segment family, odd everything, chunks and row blocks
     ((32, 256, 32, 32), 1, F32),  # ~32 MB
+    ((64, 64, 28, 28), 1, F32),  # ~13 MB, fused one channel at a time, next channel prefetched
     ((64, 32, 32, 64), -1, F32),  # ~16 MB channels-last
 ]
 
