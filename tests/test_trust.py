@@ -506,6 +506,7 @@ THREAD_CASES = [
     ((33, 77, 29, 31), 1, F32),  # segment family, odd everything, chunks and row blocks
     ((32, 256, 32, 32), 1, F32),  # ~32 MB
     ((64, 64, 28, 28), 1, F32),  # ~13 MB, fused one channel at a time, next channel prefetched
+    ((8, 24, 128, 128), 1, F32),  # ~13 MB, channels larger than L2: three groups, next prefetched
     ((64, 32, 32, 64), -1, F32),  # ~16 MB channels-last
 ]
 

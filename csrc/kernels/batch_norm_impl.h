@@ -213,7 +213,8 @@ constexpr int64_t kChunkElems = 4096;
 // kMinFusedRunBytes when that makes the chunk small enough to fuse (below), since an unfused chunk
 // reads its input twice. Measured at 2 threads (Zen 3), training forward and backward, fused
 // against unfused (two to four A/B runs each): ResNet-50 at batch 64 and 128, (64, 1024, 14, 14),
-// (64, 512, 28, 28) and (128, 512, 28, 28), runs of 3.1-3.9 KiB: 14-31% faster. Runs of 2 KiB,
+// (64, 512, 28, 28) and (128, 512, 28, 28), runs of 3.1-3.9 KiB: 14-31% faster; (64, 2048, 7,
+// 7), row family, 3.9 KiB: 16-18% (one run). Runs of 2 KiB,
 // NCL (128, 256, 128) and (128, 512, 64): from 13% faster to 43% slower, not consistent; of
 // 1-1.5 KiB, (128, 1024, 14, 14) and (256, 256, 128): 10-45% slower.
 constexpr int64_t kMinRunBytes = 4096;
@@ -1039,13 +1040,18 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
   while (e < end) one();
 }
 
-// What apply_task prefetches: nothing; its own inputs ahead (they come from memory); or, for a
-// fused chunk, the inputs of the next chunk the thread reduces (chunk + 1), so that its reads
-// from memory overlap this chunk's writes instead of following them (otherwise a thread reads,
-// then writes, and a copy does both at once). Measured on Zen 3 (2 threads, avx2 path, in the
-// benchmark's conditions, four A/B runs), on inputs of at least the stream threshold: training
-// forward 3-14% and backward 4-22% faster on ResNet-50's fused NCHW shapes (13-103 MB); the 8
-// MiB NCL case, at the threshold, from 2% faster to 5% slower in training forward.
+// What apply_task prefetches: nothing; its own inputs ahead (they come from memory); or the
+// inputs of the task the thread reduces next, the same rows of chunk + next_chunks, so that its
+// reads from memory overlap this task's writes instead of following them (otherwise a thread
+// reads, then writes, where a copy does both at once). Measured on Zen 3 (2 threads, avx2 path,
+// in the benchmark's conditions), on inputs of at least the stream threshold:
+//  - fused chunks (next chunk; four A/B runs): training forward 3-14% and backward 4-22% faster
+//    on ResNet-50's NCHW shapes of 13-103 MB; the 8 MiB NCL case, at the threshold, from 2%
+//    faster to 5% slower in training forward;
+//  - groups of channels larger than L2 (the next group's task; two A/B runs): ResNet-50's
+//    (16 to 64, 64, 112, 112) and (64, 256, 56, 56), 51-206 MB, training forward 13-22% and
+//    backward 0-9% faster. In the row family it was not: (256, 16384) and (512, 16384) 0-18%
+//    slower, (128, 2048, 7, 7) 4-14% faster; so only the segment family does it.
 enum class TaskPrefetch { none, ahead, next_chunk };
 
 // Applies `map` on task (chunk, row_block): a contiguous range when chunks are whole rows, else
@@ -1053,17 +1059,20 @@ enum class TaskPrefetch { none, ahead, next_chunk };
 template <bool Stream, class T, class Map>
 void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block,
-                TaskPrefetch prefetch) {
+                TaskPrefetch prefetch, int64_t next_chunks = 1) {
   const Geometry& g = p.g;
   const auto [c0, c1, o0, o1] = TaskBounds(p, chunk, row_block);
   const int64_t row = g.channels * g.inner;
   auto fetch_for = [&](int64_t begin, int64_t end) {
     if (prefetch == TaskPrefetch::ahead) return ApplyPrefetch::within<T>(end);
-    if (prefetch == TaskPrefetch::next_chunk && p.num_chunks > 1) {
-      // Row piece [begin, end) of this chunk; the next chunk's piece of the same row starts
-      // chunk_channels * inner elements later, and may be narrower (the last chunk).
-      const int64_t next_c1 = min64(g.channels, c1 + p.chunk_channels);
-      return ApplyPrefetch{p.chunk_channels * g.inner, begin + (next_c1 - c1) * g.inner};
+    if (prefetch == TaskPrefetch::next_chunk && chunk + next_chunks < p.num_chunks) {
+      // Row piece [begin, end) of this chunk; that of the next task's chunk in the same row
+      // starts next_chunks * chunk_channels * inner elements later, and may be narrower (the
+      // last chunk).
+      const int64_t next_c0 = c0 + next_chunks * p.chunk_channels;
+      const int64_t next_c1 = min64(g.channels, next_c0 + p.chunk_channels);
+      return ApplyPrefetch{next_chunks * p.chunk_channels * g.inner,
+                           begin + (next_c1 - next_c0) * g.inner};
     }
     return ApplyPrefetch{};
   };
@@ -1251,10 +1260,16 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
         merge_and_finalize(true);
         team_barrier(nth);
       }
-      // Reverse order: the tasks this thread reduced last are still in its cache.
+      // Reverse order: the tasks this thread reduced last are still in its cache. When the next
+      // group is as large as this one, the thread's tasks there are the same ones a group
+      // further on: their inputs are fetched while this group is written (segment family).
+      const bool prefetch_next_group = Stream && !p.row_family &&
+                                       first + 2 * p.chunks_per_group <= p.num_chunks;
       for (int64_t t = end - 1; t >= begin; --t)
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, first + t / p.num_row_blocks,
-                              t % p.num_row_blocks, sweep_prefetch);
+                              t % p.num_row_blocks,
+                              prefetch_next_group ? TaskPrefetch::next_chunk : sweep_prefetch,
+                              p.chunks_per_group);
       if (Stream) stream_fence();
       // No barrier here: the next group touches other channels' partials and coefficients only,
       // and the parallel region's end joins the last group.
