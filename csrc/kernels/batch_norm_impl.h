@@ -1165,11 +1165,14 @@ struct ApplyState {
 
 
 // Whether the second sweep (unfused) must read its inputs from memory: a group of chunks of every
-// input tensor is larger than L3, so its first-read part is gone by the time it is applied.
+// input tensor is as large as L3 or larger, so its first-read part is gone by the time it is
+// applied (L3 also holds everything else). At exactly L3 (32 MiB here), measured on Zen 3 (2
+// threads, three A/B runs): (32768, 256) training forward 4-7% faster with the prefetch, and the
+// backward of (4096, 1024) and (1024, 4096) (two 16 MiB inputs) 5-12%.
 inline bool second_sweep_from_memory(const Plan& p, int64_t elem_bytes, int inputs) {
   if (p.fused) return false;
   const int64_t group_channels = min64(p.chunks_per_group * p.chunk_channels, p.g.channels);
-  return group_channels * p.g.outer * p.g.inner * elem_bytes * inputs > l3_bytes();
+  return group_channels * p.g.outer * p.g.inner * elem_bytes * inputs >= l3_bytes();
 }
 
 // The reduce -> finalize -> apply driver shared by forward training and backward.
