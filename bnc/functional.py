@@ -29,6 +29,29 @@ def param_dtype(input_dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if input_dtype == np.float16 else np.dtype(input_dtype)
 
 
+# The fast path's dtype rule: per-channel dtype by the input's type code.
+_PARAM_DTYPE_BY_CHAR = {"e": np.dtype(np.float32), "f": np.dtype(np.float32),
+                        "d": np.dtype(np.float64)}
+
+
+def _fast_path_axis(x: object, axis: object) -> Optional[int]:
+    """The channel axis (non-negative) when ``x`` and ``axis`` are of the usual kinds for the fast
+    path -- a plain non-empty ndarray of 2 or more dimensions, an int axis in range -- else None.
+
+    The fast path hands the arrays straight to the binding, which checks every buffer (dtype and
+    byte order, shape, contiguity, alignment, writability, overlap) before any kernel writes
+    anything. Whatever it refuses goes through the checking path, which copies what may be copied
+    (strided or misaligned inputs) and raises this module's messages. The checks here cost 2 us
+    warm but 50-70 us after a large call (cold caches), 10-15% of an 8 MB inference.
+    """
+    if type(x) is not np.ndarray or type(axis) is not int:
+        return None
+    ndim = x.ndim
+    if ndim < 2 or not -ndim <= axis < ndim or x.size == 0:
+        return None
+    return axis % ndim
+
+
 def _describe_dtype(dtype: np.dtype) -> str:
     return str(dtype) if dtype.isnative else f"{dtype} (non-native byte order {dtype.str!r})"
 
@@ -209,6 +232,26 @@ def forward_counting_skips(
     """``batch_norm_forward`` without the warning: also returns the number of channels whose
     running statistics were not updated (non-finite batch statistics), for callers that update
     their own state before warning (the modules)."""
+    fast_axis = _fast_path_axis(x, axis)
+    pdtype = _PARAM_DTYPE_BY_CHAR.get(x.dtype.char) if fast_axis is not None else None
+    if pdtype is not None and type(eps) is float and type(momentum) is float:
+        channels = x.shape[fast_axis]
+        y = np.empty(x.shape, x.dtype) if out is None else out
+        save_mean = np.empty(channels, pdtype)
+        save_invstd = np.empty(channels, pdtype)
+        try:
+            if training:
+                skipped = _core.forward_train(x, y, weight, bias, running_mean, running_var,
+                                              fast_axis, eps, momentum, save_mean, save_invstd)
+            else:
+                _core.forward_eval(x, y, weight, bias, running_mean, running_var, fast_axis,
+                                   eps, save_mean, save_invstd)
+                skipped = 0
+        except (TypeError, ValueError):
+            pass  # nothing was written: the checking path below copies or explains
+        else:
+            tracking = running_mean is not None or running_var is not None
+            return y, save_mean, save_invstd, skipped if tracking else 0
     x = check_input(x)
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
@@ -284,6 +327,20 @@ def batch_norm_backward(
         ``(dx, grad_weight, grad_bias)``: dx like x; grad_weight = sum(dy * (x - mean) * invstd)
         and grad_bias = sum(dy) over all but the channel axis, shape (C,).
     """
+    fast_axis = _fast_path_axis(dy, axis)  # see _fast_path_axis
+    pdtype = _PARAM_DTYPE_BY_CHAR.get(dy.dtype.char) if fast_axis is not None else None
+    if pdtype is not None and type(x) is np.ndarray:
+        channels = dy.shape[fast_axis]
+        dx = np.empty(dy.shape, dy.dtype) if out is None else out
+        grad_weight = np.empty(channels, pdtype)
+        grad_bias = np.empty(channels, pdtype)
+        try:
+            _core.backward(dy, x, dx, save_mean, save_invstd, weight, fast_axis, bool(training),
+                           grad_weight, grad_bias)
+        except (TypeError, ValueError):
+            pass  # nothing was written: the checking path below copies or explains
+        else:
+            return dx, grad_weight, grad_bias
     dy = check_input(dy, "dy")
     x = check_input(x, "x")
     if x.dtype != dy.dtype:
