@@ -264,7 +264,8 @@ def test_float32_variance_of_row_layouts_within_rounding(shape, axis, stream_thr
                                        err_msg=f"variance, seed {seed}")
 
 
-@pytest.mark.parametrize("shape,axis", [((4096, 16), 1), ((16, 8), 1), ((8, 9, 9, 24), -1)],
+@pytest.mark.parametrize("shape,axis", [((4096, 16), 1), ((16, 8), 1), ((8, 9, 9, 24), -1),
+                                        ((8, 6, 10, 10), 1)],  # the last: segment family
                          ids=_case_id)
 def test_float32_channels_of_tiny_spread(shape, axis, stream_threshold):
     """|x| ~ 1e-23: squares are below float32's range, so float partial sums of squares would
