@@ -29,14 +29,15 @@ def param_dtype(input_dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if input_dtype == np.float16 else np.dtype(input_dtype)
 
 
-# The fast path's dtype rule: per-channel dtype by the input's type code.
+# param_dtype's rule for the fast path, by the input's type code.
 _PARAM_DTYPE_BY_CHAR = {"e": np.dtype(np.float32), "f": np.dtype(np.float32),
                         "d": np.dtype(np.float64)}
 
 
-def _fast_path_axis(x: object, axis: object) -> Optional[int]:
-    """The channel axis (non-negative) when ``x`` and ``axis`` are of the usual kinds for the fast
-    path -- a plain non-empty ndarray of 2 or more dimensions, an int axis in range -- else None.
+def _fast_path(x: object, axis: object) -> Optional[Tuple[int, np.dtype]]:
+    """(channel axis, non-negative; per-channel dtype) when ``x`` and ``axis`` are of the usual
+    kinds for the fast path -- a plain non-empty ndarray of 2 or more dimensions and of a float
+    type code, an int axis in range -- else None.
 
     The fast path hands the arrays straight to the binding, which checks every buffer (dtype and
     byte order, shape, contiguity, alignment, writability, overlap) before any kernel writes
@@ -50,7 +51,8 @@ def _fast_path_axis(x: object, axis: object) -> Optional[int]:
     ndim = x.ndim
     if ndim < 2 or not -ndim <= axis < ndim or x.size == 0:
         return None
-    return axis % ndim
+    pdtype = _PARAM_DTYPE_BY_CHAR.get(x.dtype.char)
+    return None if pdtype is None else (axis % ndim, pdtype)
 
 
 def _describe_dtype(dtype: np.dtype) -> str:
@@ -233,9 +235,9 @@ def forward_counting_skips(
     """``batch_norm_forward`` without the warning: also returns the number of channels whose
     running statistics were not updated (non-finite batch statistics), for callers that update
     their own state before warning (the modules)."""
-    fast_axis = _fast_path_axis(x, axis)
-    pdtype = _PARAM_DTYPE_BY_CHAR.get(x.dtype.char) if fast_axis is not None else None
-    if pdtype is not None and type(eps) is float and type(momentum) is float:
+    fast = _fast_path(x, axis)
+    if fast is not None and type(eps) is float and type(momentum) is float:
+        fast_axis, pdtype = fast
         channels = x.shape[fast_axis]
         y = np.empty(x.shape, x.dtype) if out is None else out
         save_mean = np.empty(channels, pdtype)
@@ -328,9 +330,9 @@ def batch_norm_backward(
         ``(dx, grad_weight, grad_bias)``: dx like x; grad_weight = sum(dy * (x - mean) * invstd)
         and grad_bias = sum(dy) over all but the channel axis, shape (C,).
     """
-    fast_axis = _fast_path_axis(dy, axis)  # see _fast_path_axis
-    pdtype = _PARAM_DTYPE_BY_CHAR.get(dy.dtype.char) if fast_axis is not None else None
-    if pdtype is not None and type(x) is np.ndarray:
+    fast = _fast_path(dy, axis)  # see _fast_path
+    if fast is not None and type(x) is np.ndarray:
+        fast_axis, pdtype = fast
         channels = dy.shape[fast_axis]
         dx = np.empty(dy.shape, dy.dtype) if out is None else out
         grad_weight = np.empty(channels, pdtype)
