@@ -1133,6 +1133,7 @@ struct ApplyState {
   double* partial_b = nullptr;
   double* scratch = nullptr;
   int64_t* again = nullptr;  // per group of chunks: summed once more (reduce_finalize_apply)
+  int64_t* claimed = nullptr;  // per group of chunks: tasks claimed so far, to reduce and apply
   Workspace ws;
 
   // extra_doubles: further per-channel double arrays the caller takes afterwards.
@@ -1148,6 +1149,7 @@ struct ApplyState {
     ws.reserve<double>(threads * kScratchDoubles);
     const int64_t groups = ceil_div(p.num_chunks, p.chunks_per_group);
     ws.reserve<int64_t>(groups);
+    ws.reserve<int64_t>(2 * groups);
     if (!ws.allocate()) return false;
     for (int k = 0; k < K; ++k) coefs[k] = ws.take<Compute<T>>(g.channels);
     for (int k = 0; k < K; ++k) lanes.lanes[k] = ws.take<Compute<T>>(lane_length);
@@ -1158,7 +1160,9 @@ struct ApplyState {
     partial_b = ws.take<double>(partials);
     scratch = ws.take<double>(threads * kScratchDoubles);
     again = ws.take<int64_t>(groups);
+    claimed = ws.take<int64_t>(2 * groups);
     for (int64_t i = 0; i < groups; ++i) again[i] = 0;
+    for (int64_t i = 0; i < 2 * groups; ++i) claimed[i] = 0;
     return true;
   }
 };
@@ -1185,8 +1189,8 @@ inline bool second_sweep_from_memory(const Plan& p, int64_t elem_bytes, int inpu
 // instead was as fast on some, up to 5% slower on others.
 constexpr int64_t kEvictedL3Fraction = 4;
 
-inline bool task_evicted_from_l3(int64_t later_tasks, int64_t task_input_bytes, int threads) {
-  return 2 * threads * later_tasks * task_input_bytes >= l3_bytes() / kEvictedL3Fraction;
+inline bool evicted_from_l3(int64_t later_tasks, int64_t task_input_bytes) {
+  return 2 * later_tasks * task_input_bytes >= l3_bytes() / kEvictedL3Fraction;
 }
 
 // The reduce -> finalize -> apply driver shared by forward training and backward.
@@ -1238,13 +1242,26 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
       const int64_t tasks = chunks * p.num_row_blocks;
       int64_t begin, end;
       split_range(tasks, tid, nth, begin, end);
-      auto reduce_group = [&]() {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t chunk = first + t / p.num_row_blocks;
-          const int64_t rb = t % p.num_row_blocks;
-          const int64_t c0 = chunk * p.chunk_channels;
-          reduce_task(p, terms, st.shifts, chunk, rb, s, st.partial_a + rb * g.channels + c0,
-                      st.partial_b + rb * g.channels + c0);
+      auto reduce_one = [&](int64_t t) {
+        const int64_t chunk = first + t / p.num_row_blocks;
+        const int64_t rb = t % p.num_row_blocks;
+        const int64_t c0 = chunk * p.chunk_channels;
+        reduce_task(p, terms, st.shifts, chunk, rb, s, st.partial_a + rb * g.channels + c0,
+                    st.partial_b + rb * g.channels + c0);
+      };
+      // Row family: each thread claims its next task when it is done with the last one, so a
+      // thread slowed by its neighbours on the machine does not hold the others up at the
+      // barrier (a task's sums go to its own partials: the results do not depend on who
+      // reduces it). The segment family keeps a fixed split: its next-group prefetch fetches
+      // the inputs of the thread's own next task.
+      const bool claim = p.row_family;
+      int64_t* const claimed = st.claimed + 2 * (first / p.chunks_per_group);
+      auto reduce_group = [&](bool first_time) {
+        if (claim && first_time) {
+          for (int64_t t; (t = __atomic_fetch_add(&claimed[0], 1, __ATOMIC_RELAXED)) < tasks;)
+            reduce_one(t);
+        } else {
+          for (int64_t t = begin; t < end; ++t) reduce_one(t);
         }
       };
       const int64_t c_first = first * p.chunk_channels;
@@ -1268,30 +1285,36 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
         const int64_t c0 = c_first + cb;
         return finalize_range(c0, c_first + ce, sums_a + c0, sums_b + c0, last);
       };
-      reduce_group();
+      reduce_group(true);
       team_barrier(nth);
       int64_t* const again = st.again + first / p.chunks_per_group;
       if (!merge_and_finalize(false)) __atomic_store_n(again, 1, __ATOMIC_RELAXED);
       team_barrier(nth);
       if (__atomic_load_n(again, __ATOMIC_RELAXED)) {  // every thread sees the same flag here
-        reduce_group();
+        reduce_group(false);
         team_barrier(nth);
         merge_and_finalize(true);
         team_barrier(nth);
       }
-      // Reverse order: the tasks this thread reduced last are still in its cache. When the next
-      // group is as large as this one, the thread's tasks there are the same ones a group
-      // further on: their inputs are fetched while this group is written (segment family).
+      // Reverse order: the tasks reduced last are still in cache. When the next group is as large
+      // as this one, a thread's tasks there are the same ones a group further on: their inputs
+      // are fetched while this group is written (segment family).
       const bool prefetch_next_group = Stream && !p.row_family &&
                                        first + 2 * p.chunks_per_group <= p.num_chunks;
-      for (int64_t t = end - 1; t >= begin; --t) {
+      auto apply_one = [&](int64_t t, int64_t later_tasks) {
         TaskPrefetch prefetch = sweep_prefetch;
         if (prefetch_next_group)
           prefetch = TaskPrefetch::next_chunk;
-        else if (Stream && task_evicted_from_l3(end - 1 - t, task_input_bytes, nth))
+        else if (Stream && evicted_from_l3(later_tasks, task_input_bytes))
           prefetch = TaskPrefetch::ahead;
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, first + t / p.num_row_blocks,
                               t % p.num_row_blocks, prefetch, p.chunks_per_group);
+      };
+      if (claim) {
+        for (int64_t k; (k = __atomic_fetch_add(&claimed[1], 1, __ATOMIC_RELAXED)) < tasks;)
+          apply_one(tasks - 1 - k, k);
+      } else {
+        for (int64_t t = end - 1; t >= begin; --t) apply_one(t, nth * (end - 1 - t));
       }
       if (Stream) stream_fence();
       // No barrier here: the next group touches other channels' partials and coefficients only,
