@@ -1133,7 +1133,8 @@ struct ApplyState {
   double* partial_b = nullptr;
   double* scratch = nullptr;
   int64_t* again = nullptr;  // per group of chunks: summed once more (reduce_finalize_apply)
-  int64_t* claimed = nullptr;  // per group of chunks: tasks claimed so far, to reduce and apply
+  // Tasks claimed so far: to reduce and to apply, per group of chunks; then fused chunks.
+  int64_t* claimed = nullptr;
   Workspace ws;
 
   // extra_doubles: further per-channel double arrays the caller takes afterwards.
@@ -1149,7 +1150,7 @@ struct ApplyState {
     ws.reserve<double>(threads * kScratchDoubles);
     const int64_t groups = ceil_div(p.num_chunks, p.chunks_per_group);
     ws.reserve<int64_t>(groups);
-    ws.reserve<int64_t>(2 * groups);
+    ws.reserve<int64_t>(2 * groups + 1);
     if (!ws.allocate()) return false;
     for (int k = 0; k < K; ++k) coefs[k] = ws.take<Compute<T>>(g.channels);
     for (int k = 0; k < K; ++k) lanes.lanes[k] = ws.take<Compute<T>>(lane_length);
@@ -1160,9 +1161,9 @@ struct ApplyState {
     partial_b = ws.take<double>(partials);
     scratch = ws.take<double>(threads * kScratchDoubles);
     again = ws.take<int64_t>(groups);
-    claimed = ws.take<int64_t>(2 * groups);
+    claimed = ws.take<int64_t>(2 * groups + 1);
     for (int64_t i = 0; i < groups; ++i) again[i] = 0;
-    for (int64_t i = 0; i < 2 * groups; ++i) claimed[i] = 0;
+    for (int64_t i = 0; i < 2 * groups + 1; ++i) claimed[i] = 0;
     return true;
   }
 };
@@ -1218,9 +1219,12 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
   auto body = [&](int tid, int nth) {
     const Scratch s = scratch_for(st.scratch, tid);
     if (p.fused) {
-      int64_t begin, end;
-      split_range(p.num_chunks, tid, nth, begin, end);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
+      // Each thread claims its next chunk before it writes this one, so that it can fetch the
+      // next one meanwhile, and no thread waits for one slowed by its neighbours on the machine
+      // (a chunk's results do not depend on which thread computes it).
+      int64_t* const claimed = st.claimed + 2 * ceil_div(p.num_chunks, p.chunks_per_group);
+      auto claim = [&]() { return __atomic_fetch_add(claimed, 1, __ATOMIC_RELAXED); };
+      for (int64_t chunk = claim(), next; chunk < p.num_chunks; chunk = next) {
         const int64_t c0 = chunk * p.chunk_channels;
         const int64_t c1 = min64(g.channels, c0 + p.chunk_channels);
         reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
@@ -1228,11 +1232,13 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
           reduce_task(p, terms, st.shifts, chunk, 0, s, s.chunk_a, s.chunk_b);
           finalize_range(c0, c1, s.chunk_a, s.chunk_b, true);
         }
+        next = claim();
         // An input too large for the cache (Stream) comes from memory: the next chunk is
         // fetched while this one is written.
         apply_task<Stream, T>(p, map, st.coefs, st.lanes, chunk, 0,
-                              Stream && chunk + 1 < end ? TaskPrefetch::next_chunk
-                                                        : TaskPrefetch::none);
+                              Stream && next < p.num_chunks ? TaskPrefetch::next_chunk
+                                                            : TaskPrefetch::none,
+                              next - chunk);
       }
       if (Stream) stream_fence();
       return;
