@@ -287,6 +287,7 @@ def test_float32_channels_of_tiny_spread(shape, axis, stream_threshold):
     ((40, 30, 30, 48), -1),  # channels-last
     ((64, 24, 40, 40), 1),  # channels of 400 KB: summed in groups of channels
     ((16, 24, 16, 16), 1),  # small channels: reduced and applied chunk by chunk in cache
+    ((16, 32, 32, 32), 1),  # 8 such chunks: streamed, a thread reduces its next while it writes
 ], ids=_case_id)
 def test_outlier_first_element_costs_no_digits(shape, axis, dtype, var_rtol, stream_threshold,
                                                restore_num_threads):
