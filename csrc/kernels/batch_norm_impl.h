@@ -1112,6 +1112,10 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
 // inputs the row's apply prefetches. A thread then reads, writes and computes at once, where
 // reduce_task followed by apply_task computes while the memory is idle and then moves data.
 // Same sums, same order: the rows of `next` are added in order, as reduce_task adds them.
+// Measured against that (Zen 3, 2 threads, avx2 path, three in-process A/B runs), ResNet-50's
+// NCHW shapes at batch 32 and 64 and NCL (64, 256, 128): training forward from 1.5% slower to
+// 11% faster (14 of 15 faster), backward from 2% slower to 14% faster (13 of 15). Prefetching
+// a row further ahead: no better; alternating a channel's segment at a time: 5-400% slower.
 template <bool Stream, class T, class Terms, class Map>
 void apply_reducing_next(const Plan& p, const Terms& terms, const double* shifts, const Map& map,
                          Compute<T>* const* coefs, const LaneCoefs<T, Map::kCoefs>& lanes,
