@@ -953,7 +953,8 @@ struct LaneCoefs {
 // on 1-4 MB 9-20% slower with them. Likewise the second sweep of training forward and backward
 // expects its inputs still in L2 (fused chunks) or L3 (the reverse sweep): prefetching there cost
 // up to 25% when they were in L3, and gained 5-11% on channels-last tensors of 51-103 MB, so it
-// is done only when they cannot all be (second_sweep_from_memory).
+// is done only when they cannot all be (second_sweep_from_memory), or for the tasks read longest
+// ago (evicted_from_l3).
 constexpr int64_t kApplyPrefetchBytes = 4096;
 
 // What the apply loop prefetches while it writes element e: the inputs at e + ahead, for e below
@@ -1066,7 +1067,8 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
 // in the benchmark's conditions), on inputs of at least the stream threshold:
 //  - fused chunks (next chunk; four A/B runs): training forward 3-14% and backward 4-22% faster
 //    on ResNet-50's NCHW shapes of 13-103 MB; the 8 MiB NCL case, at the threshold, from 2%
-//    faster to 5% slower in training forward;
+//    faster to 5% slower in training forward. The segment family now reduces the next chunk
+//    while it writes this one instead (apply_reducing_next); the row family still does this;
 //  - groups of channels larger than L2 (the next group's task; two A/B runs): ResNet-50's
 //    (16 to 64, 64, 112, 112) and (64, 256, 56, 56), 51-206 MB, training forward 13-22% and
 //    backward 0-9% faster. In the row family it was not: (256, 16384) and (512, 16384) 0-18%
