@@ -34,10 +34,13 @@ _PARAM_DTYPE_BY_CHAR = {"e": np.dtype(np.float32), "f": np.dtype(np.float32),
                         "d": np.dtype(np.float64)}
 
 
-def _fast_path(x: object, axis: object) -> Optional[Tuple[int, np.dtype]]:
-    """(channel axis, non-negative; per-channel dtype) when ``x`` and ``axis`` are of the usual
-    kinds for the fast path -- a plain non-empty ndarray of 2 or more dimensions and of a float
-    type code, an int axis in range -- else None.
+def _fast_path(
+    x: object, axis: object, out: Optional[np.ndarray]
+) -> Optional[Tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(channel axis, non-negative; the output: ``out``, or a new array like ``x``; two new
+    per-channel arrays) when ``x`` and ``axis`` are of the usual kinds for the fast path -- a
+    plain non-empty ndarray of 2 or more dimensions and of a float type code, an int axis in
+    range -- else None.
 
     The fast path hands the arrays straight to the binding, which checks every buffer (dtype and
     byte order, shape, contiguity, alignment, writability, overlap) before any kernel writes
@@ -52,7 +55,12 @@ def _fast_path(x: object, axis: object) -> Optional[Tuple[int, np.dtype]]:
     if ndim < 2 or not -ndim <= axis < ndim or x.size == 0:
         return None
     pdtype = _PARAM_DTYPE_BY_CHAR.get(x.dtype.char)
-    return None if pdtype is None else (axis % ndim, pdtype)
+    if pdtype is None:
+        return None
+    axis %= ndim
+    channels = x.shape[axis]
+    result = np.empty(x.shape, x.dtype) if out is None else out
+    return axis, result, np.empty(channels, pdtype), np.empty(channels, pdtype)
 
 
 def _describe_dtype(dtype: np.dtype) -> str:
@@ -235,13 +243,9 @@ def forward_counting_skips(
     """``batch_norm_forward`` without the warning: also returns the number of channels whose
     running statistics were not updated (non-finite batch statistics), for callers that update
     their own state before warning (the modules)."""
-    fast = _fast_path(x, axis)
-    if fast is not None and type(eps) is float and type(momentum) is float:
-        fast_axis, pdtype = fast
-        channels = x.shape[fast_axis]
-        y = np.empty(x.shape, x.dtype) if out is None else out
-        save_mean = np.empty(channels, pdtype)
-        save_invstd = np.empty(channels, pdtype)
+    fast = _fast_path(x, axis, out) if type(eps) is float and type(momentum) is float else None
+    if fast is not None:
+        fast_axis, y, save_mean, save_invstd = fast
         try:
             if training:
                 skipped = _core.forward_train(x, y, weight, bias, running_mean, running_var,
@@ -330,13 +334,9 @@ def batch_norm_backward(
         ``(dx, grad_weight, grad_bias)``: dx like x; grad_weight = sum(dy * (x - mean) * invstd)
         and grad_bias = sum(dy) over all but the channel axis, shape (C,).
     """
-    fast = _fast_path(dy, axis)  # see _fast_path
-    if fast is not None and type(x) is np.ndarray:
-        fast_axis, pdtype = fast
-        channels = dy.shape[fast_axis]
-        dx = np.empty(dy.shape, dy.dtype) if out is None else out
-        grad_weight = np.empty(channels, pdtype)
-        grad_bias = np.empty(channels, pdtype)
+    fast = _fast_path(dy, axis, out) if type(x) is np.ndarray else None  # see _fast_path
+    if fast is not None:
+        fast_axis, dx, grad_weight, grad_bias = fast
         try:
             _core.backward(dy, x, dx, save_mean, save_invstd, weight, fast_axis, bool(training),
                            grad_weight, grad_bias)
