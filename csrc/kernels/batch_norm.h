@@ -43,11 +43,42 @@ using BackwardFn = int64_t (*)(const T* dy, const T* x, T* dx, Geometry g, const
                             const P* save_invstd, const P* weight, bool training,
                             P* grad_weight, P* grad_bias, int num_threads);
 
+// Split-phase building blocks (per-channel statistics and sums in double):
+// statistics: mean and m2 = sum((x - mean)^2), from the training forward's pivoted sums.
+// Requires outer * inner >= 1.
+template <class T>
+using StatsFn = int64_t (*)(const T* x, Geometry g, double* mean, double* m2, int num_threads);
+
+// Apply with given statistics: y = (x - mean) * invstd * weight + bias.
+template <class T, class P>
+using ElemtFn = int64_t (*)(const T* x, T* y, Geometry g, const double* mean,
+                            const double* invstd, const P* weight, const P* bias,
+                            int num_threads);
+
+// Backward sums: sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
+template <class T>
+using BackwardReduceFn = int64_t (*)(const T* dy, const T* x, Geometry g, const double* mean,
+                                     double* sum_dy, double* sum_dy_xmu, int num_threads);
+
+// Backward apply with given sums over `count` elements per channel (all parts of a batch):
+// dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count).
+template <class T, class P>
+using BackwardElemtFn = int64_t (*)(const T* dy, const T* x, T* dx, Geometry g,
+                                    const double* mean, const double* invstd, const P* weight,
+                                    const double* sum_dy, const double* sum_dy_xmu, double count,
+                                    int num_threads);
+
 template <class T, class P>
 struct KernelSet {
+  using Data = T;
+  using Param = P;
   ForwardTrainFn<T, P> forward_train;
   ForwardEvalFn<T, P> forward_eval;
   BackwardFn<T, P> backward;
+  StatsFn<T> stats;
+  ElemtFn<T, P> elemt;
+  BackwardReduceFn<T> backward_reduce;
+  BackwardElemtFn<T, P> backward_elemt;
 };
 
 struct KernelTable {

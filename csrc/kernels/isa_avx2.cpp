@@ -1,6 +1,6 @@
 // The kernels compiled for the avx2 instruction set (flags set per file in CMakeLists.txt).
 #define BNC_ISA avx2
-#include "kernels/batch_norm_impl.h"
+#include "kernels/impl/all.h"
 
 namespace bnc {
 const KernelTable& kernel_table_avx2() { return avx2::table(); }

@@ -1,6 +1,6 @@
 // The kernels compiled for the baseline instruction set (flags set per file in CMakeLists.txt).
 #define BNC_ISA baseline
-#include "kernels/batch_norm_impl.h"
+#include "kernels/impl/all.h"
 
 namespace bnc {
 const KernelTable& kernel_table_baseline() { return baseline::table(); }

@@ -1,0 +1,123 @@
+// Apply maps: each output element from its inputs and per-channel coefficients, in the compute
+// type; the coefficients' per-lane layout for short segments.
+#pragma once
+
+#include "kernels/batch_norm.h"
+#include "kernels/impl/simd.h"
+
+namespace bnc {
+namespace BNC_ISA {
+namespace {
+
+// Forward: y = (x - mean_hi) * scale + shift_lo, with the mean split into two numbers of the
+// compute type (mean_hi + mean_lo = mean to twice their precision): x - mean_hi is exact where
+// it matters (x close to a large mean), and the low part is folded into the shift in double.
+// y = alpha * x + beta (PyTorch's form) loses digits there.
+template <class T>
+struct NormalizeMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 3;  // mean_hi, scale, shift_lo
+  static constexpr bool kWrites = true;
+  static constexpr int kInputs = 1;
+  const T* x;
+  T* out;
+  void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const {
+    return (load_compute(x + off) - k[0]) * k[1] + k[2];
+  }
+  C one(int64_t off, const C* k) const { return (static_cast<C>(x[off]) - k[0]) * k[1] + k[2]; }
+};
+
+// Channel c's coefficients of NormalizeMap for y = (x - mean) * scale + shift.
+template <class C>
+inline void set_normalize(C* const* k, int64_t c, double mean, double scale, double shift) {
+  const C mean_hi = static_cast<C>(mean);
+  k[0][c] = mean_hi;
+  k[1][c] = static_cast<C>(scale);
+  k[2][c] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
+}
+
+// Backward, training: dx = a * dy + b * (x - mean) + k. The mean is a number of the compute type
+// (float for float32 and float16 data), so x - mean is exact where it matters.
+template <class T>
+struct GradTrainMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 4;  // a, mean, b, k
+  static constexpr bool kWrites = true;
+  static constexpr int kInputs = 2;
+  const T* dy;
+  const T* x;
+  T* out;
+  void prefetch(int64_t off, int64_t count) const {
+    prefetch_piece(dy + off, count);
+    prefetch_piece(x + off, count);
+  }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const {
+    return k[0] * load_compute(dy + off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
+  }
+  C one(int64_t off, const C* k) const {
+    return k[0] * static_cast<C>(dy[off]) + k[2] * (static_cast<C>(x[off]) - k[1]) + k[3];
+  }
+};
+
+// Backward, inference: dx = a * dy (the statistics are constants).
+template <class T>
+struct GradEvalMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 1;
+  static constexpr bool kWrites = true;
+  static constexpr int kInputs = 1;
+  const T* dy;
+  T* out;
+  void prefetch(int64_t off, int64_t count) const { prefetch_piece(dy + off, count); }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const { return k[0] * load_compute(dy + off); }
+  C one(int64_t off, const C* k) const { return k[0] * static_cast<C>(dy[off]); }
+};
+
+// Inference with statistics near zero: y = x * scale + offset, PyTorch's form, a third of the
+// arithmetic of the split-mean form and as accurate while |mean| * invstd is small
+// (kAffineMaxMeanOverStd).
+template <class T>
+struct AffineMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 2;  // scale, offset
+  static constexpr bool kWrites = true;
+  static constexpr int kInputs = 1;
+  const T* x;
+  T* out;
+  void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const { return load_compute(x + off) * k[0] + k[1]; }
+  C one(int64_t off, const C* k) const { return static_cast<C>(x[off]) * k[0] + k[1]; }
+};
+
+// No apply: for the schedules of operations that only reduce.
+struct NoMap {
+  static constexpr bool kWrites = false;
+  static constexpr int kCoefs = 1;
+  static constexpr int kInputs = 1;
+};
+
+// Per-lane coefficients for inner < kPeriodicBelowInner: lane j of a row (channels * inner
+// elements) holds channel j / inner's coefficient, and the arrays run kVecElems past the row,
+// repeating it, so a vector starting anywhere in a row reads the right coefficients even where
+// it crosses into the next row. Then the map is one flat loop with no per-row bookkeeping.
+template <class T, int K>
+struct LaneCoefs {
+  Compute<T>* lanes[K];
+  int64_t width = 0;  // 0: not used (inner >= kPeriodicBelowInner)
+  int64_t inner = 1;
+  static int64_t length(const Geometry& g) {
+    return g.inner < kPeriodicBelowInner ? g.channels * g.inner + kVecElems<T> : 0;
+  }
+  // Copies channel c's coefficients to its lanes.
+  void spread(int64_t c, Compute<T>* const* coefs) const {
+    if (!width) return;
+    for (int64_t i = 0; i < inner; ++i)
+      for (int64_t lane = c * inner + i; lane < width + kVecElems<T>; lane += width)
+        for (int k = 0; k < K; ++k) lanes[k][lane] = coefs[k][c];
+  }
+};
+
+}  // namespace
+}  // namespace BNC_ISA
+}  // namespace bnc
