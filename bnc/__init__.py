@@ -1,7 +1,15 @@
 """bnc: Batch Normalization for the CPU on NumPy arrays, with PyTorch's semantics."""
 
 from ._runtime import config, get_num_threads, select_isa_from_environment, set_num_threads
-from .functional import batch_norm_backward, batch_norm_forward
+from .functional import (
+    batch_norm_backward,
+    batch_norm_backward_elemt,
+    batch_norm_backward_reduce,
+    batch_norm_elemt,
+    batch_norm_forward,
+    batch_norm_stats,
+    merge_stats,
+)
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 select_isa_from_environment()
@@ -15,6 +23,11 @@ __all__ = [
     "BatchNorm3d",
     "batch_norm_forward",
     "batch_norm_backward",
+    "batch_norm_stats",
+    "merge_stats",
+    "batch_norm_elemt",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
     "config",
     "get_num_threads",
     "set_num_threads",

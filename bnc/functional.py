@@ -1,53 +1,73 @@
-"""Stateless BatchNorm: ``batch_norm_forward`` and ``batch_norm_backward`` on NumPy arrays.
+"""Stateless BatchNorm on NumPy arrays: the fused calls and the split-phase building blocks.
 
-Every argument is checked here before any kernel runs, so a bad call raises ``TypeError`` (dtype)
-or ``ValueError`` (shape, channels, contiguity, ``out``) naming the argument, what was expected and
-what was given -- and modifies nothing. The C++ kernels (``bnc._core``) check again.
+The fused calls, ``batch_norm_forward`` and ``batch_norm_backward``, are the building blocks run
+back to back in C++ while the data is in cache:
+
+- ``batch_norm_stats`` (per-channel count, mean, m2) and ``merge_stats`` (Chan's formula over
+  parts, in order): the forward's reduce;
+- ``batch_norm_elemt``: the forward's apply with given statistics;
+- ``batch_norm_backward_reduce`` (sum_dy, sum_dy_xmu) and ``batch_norm_backward_elemt``: the
+  backward's reduce and apply.
+
+Composed on one process they give the fused calls' results -- bit for bit where the arithmetic is
+the same (docs/numerics.md says exactly where). Across processes they are SyncBatchNorm.
+
+Checks: a bad call raises ``TypeError`` (dtype, argument type) or ``ValueError`` (shape, channels,
+contiguity, ``out``, scalars) naming the argument, what was expected and what came -- and modifies
+nothing. The C++ binding checks every buffer; this layer checks scalars and Python types and
+normalizes (copies strided inputs once, makes the axis non-negative, allocates outputs): see
+``bnc._args``.
 
 Dtypes: ``x`` is float16, float32 or float64. Per-channel arrays (weight, bias, running statistics,
-save_mean, save_invstd, gradients of weight and bias) have the same dtype as ``x``, except for
-float16 input, whose per-channel arrays are float32 (as in PyTorch). Nothing is cast silently.
+save_mean, save_invstd, gradients) have x's dtype, except for float16 input, whose per-channel
+arrays are float32 (as in PyTorch). The split-phase statistics and sums are float64. Nothing is
+cast silently.
 """
 
 from __future__ import annotations
 
-import numbers
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _args as A
 from . import _core
 
-__all__ = ["batch_norm_forward", "batch_norm_backward"]
+__all__ = [
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_stats",
+    "merge_stats",
+    "batch_norm_elemt",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+]
 
 _INF = float("inf")
-
-
-def param_dtype(input_dtype: np.dtype) -> np.dtype:
-    """The dtype of the per-channel arrays for input of ``input_dtype`` (float32 for float16)."""
-    return np.dtype(np.float32) if input_dtype == np.float16 else np.dtype(input_dtype)
-
-
 # param_dtype's rule for the fast path, by the input's type code.
 _PARAM_DTYPE_BY_CHAR = {"e": np.dtype(np.float32), "f": np.dtype(np.float32),
                         "d": np.dtype(np.float64)}
+
+# Names the modules use.
+param_dtype = A.param_dtype
+check_input = A.check_input
+normalize_axis = A.normalize_axis
+_check_eps = A.check_eps
+_check_momentum = A.check_momentum
 
 
 def _fast_path(
     x: object, axis: object, out: Optional[np.ndarray]
 ) -> Optional[Tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """(channel axis, non-negative; the output: ``out``, or a new array like ``x``; two new
-    per-channel arrays) when ``x`` and ``axis`` are of the usual kinds for the fast path -- a
-    plain non-empty ndarray of 2 or more dimensions and of a float type code, an int axis in
-    range -- else None.
+    per-channel arrays) when ``x`` and ``axis`` are of the usual kinds -- a plain non-empty
+    ndarray of 2 or more dimensions and of a float type code, an int axis in range -- else None.
 
-    The fast path hands the arrays straight to the binding, which checks every buffer (dtype and
-    byte order, shape, contiguity, alignment, writability, overlap) before any kernel writes
-    anything. Whatever it refuses goes through the checking path, which copies what may be copied
-    (strided or misaligned inputs) and raises this module's messages. That checking path costs
-    2 us when the interpreter is warm, but 50-80 us right after a large call (cold caches): 10-15%
-    of an 8 MB inference. The fast path's own Python work costs a third of that.
+    The fast path hands the arrays straight to the binding, which checks every buffer before any
+    kernel writes anything; whatever it refuses takes the normalizing path (copies of strided
+    inputs, the binding's messages). The normalizing path costs 50-80 us right after a large call
+    (cold caches), the fast path a third of that.
     """
     if type(x) is not np.ndarray or type(axis) is not int:
         return None
@@ -63,116 +83,9 @@ def _fast_path(
     return axis, result, np.empty(channels, pdtype), np.empty(channels, pdtype)
 
 
-def _describe_dtype(dtype: np.dtype) -> str:
-    return str(dtype) if dtype.isnative else f"{dtype} (non-native byte order {dtype.str!r})"
-
-
-def check_input(x: object, name: str = "x") -> np.ndarray:
-    """Checks an input tensor and returns it C-contiguous (a strided array is copied once)."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype.char not in "efd" or not x.dtype.isnative:
-        raise TypeError(
-            f"{name}: expected dtype float16, float32 or float64, got {_describe_dtype(x.dtype)}"
-        )
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    return _contiguous_aligned(x)
-
-
-def _contiguous_aligned(x: np.ndarray) -> np.ndarray:
-    """x itself if C-contiguous and aligned, else one copy that is."""
-    if x.flags.c_contiguous and x.flags.aligned:
-        return x
-    return np.require(x, requirements=("C", "A"))
-
-
-def normalize_axis(axis: object, ndim: int) -> int:
-    """The channel axis as a non-negative index."""
-    if type(axis) is int and -ndim <= axis < ndim:
-        return axis % ndim
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
-    axis = int(axis)
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"axis: expected an axis of a {ndim}-D input in [{-ndim}, {ndim}), got {axis}"
-        )
-    return axis % ndim
-
-
-def _check_per_channel(
-    array: object, name: str, channels: int, dtype: np.dtype, *, writeable: bool = False
-) -> Optional[np.ndarray]:
-    """Checks a per-channel array: ndarray of ``dtype`` and shape (channels,).
-
-    Inputs may be strided (they are copied, they are small); arrays updated in place must be
-    C-contiguous and writeable, because a copy would lose the update.
-    """
-    if array is None:
-        return None
-    if (type(array) is np.ndarray and array.dtype is dtype and array.shape == (channels,)
-            and array.flags.c_contiguous and array.flags.aligned
-            and (not writeable or array.flags.writeable)):
-        return array  # the common case, checked in one go
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray or None, got {type(array).__name__}")
-    if array.dtype != dtype or not array.dtype.isnative:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {_describe_dtype(array.dtype)}")
-    if array.shape != (channels,):
-        raise ValueError(f"{name}: expected shape ({channels},), got {array.shape}")
-    if writeable:
-        if not array.flags.c_contiguous:
-            raise ValueError(f"{name}: expected a C-contiguous array (it is updated in place)")
-        if not array.flags.aligned:
-            raise ValueError(f"{name}: expected an aligned array (it is updated in place)")
-        if not array.flags.writeable:
-            raise ValueError(f"{name}: expected a writeable array (it is updated in place)")
-        return array
-    return _contiguous_aligned(array)
-
-
-def _check_out(out: object, like: np.ndarray) -> np.ndarray:
-    """Checks ``out=`` against the input ``like``; allocates it when None."""
-    if out is None:
-        return np.empty_like(like)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out: expected a numpy.ndarray or None, got {type(out).__name__}")
-    if out.dtype != like.dtype or not out.dtype.isnative:
-        raise TypeError(f"out: expected dtype {like.dtype}, got {_describe_dtype(out.dtype)}")
-    if out.shape != like.shape:
-        raise ValueError(f"out: expected shape {like.shape}, got {out.shape}")
-    if not out.flags.c_contiguous:
-        raise ValueError("out: expected a C-contiguous array, got a strided one")
-    if not out.flags.aligned:
-        raise ValueError("out: expected an array aligned to its element size, got a misaligned one")
-    if not out.flags.writeable:
-        raise ValueError("out: expected a writeable array, got a read-only one")
-    # Overlap with the inputs (and of running buffers with each other) is checked by the binding,
-    # before it writes anything, with the same kind of message.
-    return out
-
-
-def _check_eps(eps: object) -> float:
-    if type(eps) is float and 0.0 < eps < _INF:  # the common case, without ABC checks
-        return eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not eps > 0.0 or not np.isfinite(eps):
-        raise ValueError(f"eps must be positive and finite, got {eps}")
-    return eps
-
-
-def _check_momentum(momentum: object) -> float:
-    if type(momentum) is float and -_INF < momentum < _INF:
-        return momentum
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
-    momentum = float(momentum)
-    if not np.isfinite(momentum):
-        raise ValueError(f"momentum: expected a finite float, got {momentum}")
-    return momentum
+def _usual_scalars(eps: object, momentum: object) -> bool:
+    return (type(eps) is float and 0.0 < eps < _INF
+            and type(momentum) is float and -_INF < momentum < _INF)
 
 
 def batch_norm_forward(
@@ -243,7 +156,8 @@ def forward_counting_skips(
     """``batch_norm_forward`` without the warning: also returns the number of channels whose
     running statistics were not updated (non-finite batch statistics), for callers that update
     their own state before warning (the modules)."""
-    fast = _fast_path(x, axis, out) if type(eps) is float and type(momentum) is float else None
+    tracking = running_mean is not None or running_var is not None
+    fast = _fast_path(x, axis, out) if _usual_scalars(eps, momentum) else None
     if fast is not None:
         fast_axis, y, save_mean, save_invstd = fast
         try:
@@ -255,55 +169,43 @@ def forward_counting_skips(
                                    eps, save_mean, save_invstd)
                 skipped = 0
         except (TypeError, ValueError):
-            pass  # nothing was written: the checking path below copies or explains
+            pass  # nothing was written: the normalizing path below copies or explains
         else:
-            tracking = running_mean is not None or running_var is not None
             return y, save_mean, save_invstd, skipped if tracking else 0
-    x = check_input(x)
-    axis = normalize_axis(axis, x.ndim)
-    channels = x.shape[axis]
-    pdtype = param_dtype(x.dtype)
-    weight = _check_per_channel(weight, "weight", channels, pdtype)
-    bias = _check_per_channel(bias, "bias", channels, pdtype)
-    # Updated in place when training; only read (and so may be strided or read-only) otherwise.
-    running_mean = _check_per_channel(
-        running_mean, "running_mean", channels, pdtype, writeable=training
-    )
-    running_var = _check_per_channel(
-        running_var, "running_var", channels, pdtype, writeable=training
-    )
-    eps = _check_eps(eps)
-    momentum = _check_momentum(momentum)
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError(
-            "running_mean, running_var: expected both arrays when training=False, got "
-            f"{'None' if running_mean is None else 'an array'} and "
-            f"{'None' if running_var is None else 'an array'}"
-        )
-    out = _check_out(out, x)
+    x = A.tensor(x)
+    axis = A.normalize_axis(axis, x.ndim)
+    eps = A.check_eps(eps)
+    momentum = A.check_momentum(momentum)
+    channels = A.channels_of(x, axis)
+    pdtype = A.param_dtype(x.dtype)
+    weight, bias = A.contiguous(weight), A.contiguous(bias)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "running_mean, running_var: expected both arrays when training=False, got "
+                f"{'None' if running_mean is None else 'an array'} and "
+                f"{'None' if running_var is None else 'an array'}"
+            )
+        # Only read in eval: they may be strided or read-only.
+        running_mean, running_var = A.contiguous(running_mean), A.contiguous(running_var)
+    out = A.output(out, x)
     save_mean = np.empty(channels, pdtype)
     save_invstd = np.empty(channels, pdtype)
-    per_channel = x.size // channels if channels else 0
-
     if not training:
         _core.forward_eval(
             x, out, weight, bias, running_mean, running_var, axis, eps, save_mean, save_invstd
         )
         return out, save_mean, save_invstd, 0
-    if per_channel == 0:
-        # Empty batch: empty output, nothing updated (as PyTorch). No statistics exist.
-        save_mean.fill(np.nan)
-        save_invstd.fill(np.nan)
-        return out, save_mean, save_invstd, 0
-    if per_channel == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {x.shape}"
-        )
+    # Running statistics are updated in place: the binding refuses them unless C-contiguous.
     skipped = _core.forward_train(
         x, out, weight, bias, running_mean, running_var, axis, eps, momentum, save_mean,
         save_invstd,
     )
-    tracking = running_mean is not None or running_var is not None
+    if x.size == 0:
+        # Empty batch: empty output, nothing updated (as PyTorch). No statistics exist.
+        save_mean.fill(np.nan)
+        save_invstd.fill(np.nan)
+        return out, save_mean, save_invstd, 0
     return out, save_mean, save_invstd, skipped if tracking else 0
 
 
@@ -341,32 +243,208 @@ def batch_norm_backward(
             _core.backward(dy, x, dx, save_mean, save_invstd, weight, fast_axis, bool(training),
                            grad_weight, grad_bias)
         except (TypeError, ValueError):
-            pass  # nothing was written: the checking path below copies or explains
+            pass  # nothing was written: the normalizing path below copies or explains
         else:
             return dx, grad_weight, grad_bias
-    dy = check_input(dy, "dy")
-    x = check_input(x, "x")
-    if x.dtype != dy.dtype:
-        raise TypeError(f"x: expected dtype {dy.dtype} (the dtype of dy), got {x.dtype}")
-    if x.shape != dy.shape:
-        raise ValueError(f"dy: expected the shape of x {x.shape}, got {dy.shape}")
-    axis = normalize_axis(axis, x.ndim)
-    channels = x.shape[axis]
-    pdtype = param_dtype(x.dtype)
-    for name, array in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        if array is None:
-            raise TypeError(f"{name}: expected a numpy.ndarray of shape ({channels},), got None")
-    save_mean = _check_per_channel(save_mean, "save_mean", channels, pdtype)
-    save_invstd = _check_per_channel(save_invstd, "save_invstd", channels, pdtype)
-    weight = _check_per_channel(weight, "weight", channels, pdtype)
-    out = _check_out(out, x)
+    dy = A.tensor(dy, "dy")
+    x = A.tensor(x, "x")
+    axis = A.normalize_axis(axis, dy.ndim)
+    channels = A.channels_of(dy, axis)
+    save_mean = A.contiguous(A.required(save_mean, "save_mean", channels))
+    save_invstd = A.contiguous(A.required(save_invstd, "save_invstd", channels))
+    weight = A.contiguous(weight)
+    out = A.output(out, dy)
+    pdtype = A.param_dtype(dy.dtype)
     grad_weight = np.empty(channels, pdtype)
     grad_bias = np.empty(channels, pdtype)
-    if x.size == 0:
-        grad_weight.fill(0)
-        grad_bias.fill(0)
-        return out, grad_weight, grad_bias
     _core.backward(
         dy, x, out, save_mean, save_invstd, weight, axis, bool(training), grad_weight, grad_bias
     )
+    if dy.size == 0:
+        grad_weight.fill(0)
+        grad_bias.fill(0)
     return out, grad_weight, grad_bias
+
+
+# -- split-phase building blocks ------------------------------------------------------------------
+
+
+def batch_norm_stats(x: np.ndarray, *, axis: int = 1) -> Tuple[int, np.ndarray, np.ndarray]:
+    """Per-channel statistics of ``x``: the training forward's reduce, nothing applied.
+
+    Args:
+        x: (N, C, ...) or channels-last with ``axis=-1``; float16, float32 or float64.
+        axis: the channel axis.
+
+    Returns:
+        ``(count, mean, m2)``: ``count`` (int) elements per channel; ``mean`` and
+        ``m2`` = sum((x - mean)^2) as float64 arrays of shape (C,), from the same pivoted sums as
+        ``batch_norm_forward`` (the same mean, bit for bit). An empty batch gives count 0 and
+        zeros; a channel with NaN or Inf gives a non-finite mean or m2.
+    """
+    x = A.tensor(x)
+    axis = A.normalize_axis(axis, x.ndim)
+    channels = A.channels_of(x, axis)
+    mean = np.empty(channels, np.float64)
+    m2 = np.empty(channels, np.float64)
+    _core.stats(x, mean, m2, axis)
+    count = x.size // channels if channels else 0
+    if count == 0:
+        mean.fill(0.0)
+        m2.fill(0.0)
+    return count, mean, m2
+
+
+def _stack_rows(rows: object, name: str) -> np.ndarray:
+    """(R, C) float64 from an ndarray or a sequence of (C,) float64 arrays; nothing is cast."""
+    if isinstance(rows, np.ndarray):
+        array = rows
+    elif isinstance(rows, (list, tuple)):
+        for i, row in enumerate(rows):
+            if not isinstance(row, np.ndarray):
+                raise TypeError(f"{name}: expected float64 arrays, got {type(row).__name__} "
+                                f"in row {i}")
+            if row.dtype != np.float64:
+                raise TypeError(f"{name}: expected dtype float64, got {row.dtype} in row {i}")
+            if row.ndim != 1 or row.shape != rows[0].shape:
+                raise ValueError(f"{name}: expected rows of equal shape (C,), got "
+                                 f"{[np.shape(r) for r in rows]}")
+        array = np.stack(rows) if rows else np.empty((0, 0))
+    else:
+        raise TypeError(f"{name}: expected a numpy.ndarray of shape (R, C), got "
+                        f"{type(rows).__name__}")
+    if array.dtype != np.float64:
+        raise TypeError(f"{name}: expected dtype float64, got {A.describe_dtype(array.dtype)}")
+    if array.ndim != 2:
+        raise ValueError(f"{name}: expected shape (R, C), got {array.shape}")
+    return array
+
+
+def merge_stats(
+    counts: Union[Sequence[int], np.ndarray], means: np.ndarray, m2s: np.ndarray
+) -> Tuple[int, np.ndarray, np.ndarray]:
+    """Merges per-part statistics (``batch_norm_stats`` of each part) with Chan's formula.
+
+    Args:
+        counts: R non-negative ints, the elements per channel of each part.
+        means, m2s: (R, C) float64 (or sequences of R float64 (C,) arrays).
+
+    Returns:
+        ``(count, mean, m2)`` of the union of the parts. Rows are merged in the order given and
+        rows of count 0 are skipped, so the result is deterministic: the same rows in the same
+        order give the same bits on every process.
+    """
+    means = _stack_rows(means, "means")
+    m2s = _stack_rows(m2s, "m2s")
+    if m2s.shape != means.shape:
+        raise ValueError(f"m2s: expected the shape of means {means.shape}, got {m2s.shape}")
+    if isinstance(counts, np.ndarray):
+        if counts.dtype.kind not in "iu":
+            raise TypeError(f"counts: expected integers, got dtype {counts.dtype}")
+        counts = counts.tolist() if counts.ndim == 1 else counts
+    if not isinstance(counts, (list, tuple)):
+        raise TypeError(f"counts: expected a sequence of ints, got {type(counts).__name__}")
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise TypeError(f"counts: expected ints, got {type(c).__name__}")
+        if c < 0:
+            raise ValueError(f"counts: expected non-negative counts, got {c}")
+    if len(counts) != means.shape[0]:
+        raise ValueError(f"counts: expected {means.shape[0]} counts (one per row of means), "
+                         f"got {len(counts)}")
+    channels = means.shape[1]
+    total = 0
+    mean = np.zeros(channels, np.float64)
+    m2 = np.zeros(channels, np.float64)
+    for n_b, mean_b, m2_b in zip(counts, means, m2s):
+        n_b = int(n_b)
+        if n_b == 0:
+            continue
+        if total == 0:
+            total, mean, m2 = n_b, mean_b.copy(), m2_b.copy()
+            continue
+        n = total + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / n)
+        m2 = m2 + m2_b + delta * delta * (total * (n_b / n))
+        total = n
+    return total, mean, m2
+
+
+def batch_norm_elemt(
+    x: np.ndarray,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    weight: Optional[np.ndarray] = None,
+    bias: Optional[np.ndarray] = None,
+    *,
+    axis: int = 1,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """The forward's apply with given statistics: y = (x - mean) * invstd * weight + bias.
+
+    ``mean`` and ``invstd`` are (C,) float64 or x's per-channel dtype; ``weight`` and ``bias``
+    x's per-channel dtype or None. Given the forward's own float64 statistics it gives the
+    forward's y bit for bit. ``out`` as in ``batch_norm_forward``.
+    """
+    x = A.tensor(x)
+    axis = A.normalize_axis(axis, x.ndim)
+    mean = A.statistics(mean, "mean", x.dtype)
+    invstd = A.statistics(invstd, "invstd", x.dtype)
+    out = A.output(out, x)
+    _core.elemt(x, out, mean, invstd, A.contiguous(weight), A.contiguous(bias), axis)
+    return out
+
+
+def batch_norm_backward_reduce(
+    dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray, *, axis: int = 1
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The backward's reduce: ``(sum_dy, sum_dy_xmu)``, float64 (C,), the sums of dy and of
+    dy * (x - mean) per channel. ``invstd`` is checked like ``mean`` (float64 or the per-channel
+    dtype, shape (C,)) but does not enter the sums; grad_weight is ``sum_dy_xmu * invstd`` and
+    grad_bias ``sum_dy``."""
+    dy = A.tensor(dy, "dy")
+    x = A.tensor(x, "x")
+    axis = A.normalize_axis(axis, dy.ndim)
+    channels = A.channels_of(dy, axis)
+    mean = A.statistics(mean, "mean", dy.dtype)
+    invstd = A.statistics(invstd, "invstd", dy.dtype)
+    sum_dy = np.empty(channels, np.float64)
+    sum_dy_xmu = np.empty(channels, np.float64)
+    _core.backward_reduce(dy, x, mean, invstd, sum_dy, sum_dy_xmu, axis)
+    return sum_dy, sum_dy_xmu
+
+
+def batch_norm_backward_elemt(
+    dy: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    weight: Optional[np.ndarray],
+    sum_dy: np.ndarray,
+    sum_dy_xmu: np.ndarray,
+    count: int,
+    *,
+    axis: int = 1,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """The backward's apply with given sums:
+    dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count).
+
+    ``count`` is the number of elements per channel over all parts of the batch (the sums are
+    over all parts too); ``weight`` may be None. Statistics and sums are (C,) float64 or the
+    per-channel dtype. With the sums of ``batch_norm_backward_reduce`` over the whole batch it
+    gives ``batch_norm_backward``'s dx bit for bit.
+    """
+    dy = A.tensor(dy, "dy")
+    x = A.tensor(x, "x")
+    axis = A.normalize_axis(axis, dy.ndim)
+    count = A.check_count(count)
+    mean = A.statistics(mean, "mean", dy.dtype)
+    invstd = A.statistics(invstd, "invstd", dy.dtype)
+    sum_dy = A.statistics(sum_dy, "sum_dy", dy.dtype)
+    sum_dy_xmu = A.statistics(sum_dy_xmu, "sum_dy_xmu", dy.dtype)
+    out = A.output(out, dy)
+    _core.backward_elemt(dy, x, out, mean, invstd, A.contiguous(weight), sum_dy, sum_dy_xmu,
+                         float(count), axis)
+    return out

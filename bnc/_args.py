@@ -1,0 +1,139 @@
+"""Argument handling of the functional layer: scalar and type checks, and normalization.
+
+One owner per check: the C++ binding (``bnc._core``) checks every buffer -- dtype and byte order,
+shape, contiguity, alignment, writability, overlap -- before any kernel writes anything, and its
+messages name the argument. This module checks what the binding cannot see or must not decide:
+Python types and scalars (eps, momentum, count, axis), and it normalizes: strided or misaligned
+inputs are copied once, the axis is made non-negative, outputs are allocated.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import numpy as np
+
+_INF = float("inf")
+
+
+def param_dtype(input_dtype: np.dtype) -> np.dtype:
+    """The dtype of the per-channel arrays for input of ``input_dtype`` (float32 for float16)."""
+    return np.dtype(np.float32) if input_dtype == np.float16 else np.dtype(input_dtype)
+
+
+def describe_dtype(dtype: np.dtype) -> str:
+    return str(dtype) if dtype.isnative else f"{dtype} (non-native byte order {dtype.str!r})"
+
+
+def tensor(x: object, name: str = "x") -> np.ndarray:
+    """An input tensor as the binding takes it: an ndarray (else TypeError), C-contiguous and
+    aligned (a strided or misaligned array is copied once)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    return contiguous(x)
+
+
+def contiguous(a: object) -> object:
+    """``a`` itself unless it is an ndarray that is not C-contiguous and aligned: then one copy
+    that is. Anything else goes to the binding as it is (and gets its message there)."""
+    if type(a) is not np.ndarray and not isinstance(a, np.ndarray):
+        return a
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.require(a, requirements=("C", "A"))
+
+
+def check_input(x: object, name: str = "x") -> np.ndarray:
+    """An input tensor for a module: an ndarray of a float dtype with at least 2 dimensions
+    (the module compares its dtype with its own before the binding sees it), C-contiguous."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype.char not in "efd" or not x.dtype.isnative:
+        raise TypeError(
+            f"{name}: expected dtype float16, float32 or float64, got {describe_dtype(x.dtype)}"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    return contiguous(x)
+
+
+def normalize_axis(axis: object, ndim: int) -> int:
+    """The channel axis as a non-negative index. For input of fewer than 2 dimensions the axis is
+    passed on as it is: the binding refuses the input's shape first."""
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+    axis = int(axis)
+    if ndim < 2:
+        return 0
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis: expected an axis of a {ndim}-D input in [{-ndim}, {ndim}), got {axis}"
+        )
+    return axis % ndim
+
+
+def channels_of(x: np.ndarray, axis: int) -> int:
+    return x.shape[axis] if x.ndim >= 2 else 0
+
+
+def output(out: object, like: np.ndarray) -> object:
+    """``out`` as given (the binding checks it), or a new array like ``like``."""
+    if out is None:
+        return np.empty(like.shape, like.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy.ndarray or None, got {type(out).__name__}")
+    return out
+
+
+def statistics(array: object, name: str, x_dtype: np.dtype) -> object:
+    """Per-channel statistics given to a split-phase block: float64, or x's per-channel dtype
+    (widened to float64 exactly, once). Other arrays go to the binding, which names the
+    argument."""
+    if isinstance(array, np.ndarray) and array.dtype != np.float64:
+        if array.dtype == param_dtype(x_dtype) and array.dtype.isnative:
+            return array.astype(np.float64)
+        raise TypeError(
+            f"{name}: expected dtype float64 or {param_dtype(x_dtype)}, got "
+            f"{describe_dtype(array.dtype)}"
+        )
+    return contiguous(array)
+
+
+def check_eps(eps: object) -> float:
+    if type(eps) is float and 0.0 < eps < _INF:  # the common case, without ABC checks
+        return eps
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not eps > 0.0 or not np.isfinite(eps):
+        raise ValueError(f"eps must be positive and finite, got {eps}")
+    return eps
+
+
+def check_momentum(momentum: object) -> float:
+    if type(momentum) is float and -_INF < momentum < _INF:
+        return momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not np.isfinite(momentum):
+        raise ValueError(f"momentum: expected a finite float, got {momentum}")
+    return momentum
+
+
+def check_count(count: object) -> int:
+    """The number of elements per channel over all parts of a batch: a positive int."""
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count: expected an int, got {type(count).__name__}")
+    if count < 1:
+        raise ValueError(f"count: expected a positive number of elements per channel, got {count}")
+    return int(count)
+
+
+def required(array: Optional[object], name: str, channels: int) -> object:
+    if array is None:
+        raise TypeError(f"{name}: expected a numpy.ndarray of shape ({channels},), got None")
+    return array
