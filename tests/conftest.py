@@ -1,4 +1,5 @@
-"""Shared test setup: makes ``import reference`` work and provides the ``torch`` fixture."""
+"""Shared test setup: makes ``import reference`` (and ``helpers``) work and provides the
+``torch``, ``restore_num_threads`` and ``stream_threshold`` fixtures."""
 
 from __future__ import annotations
 
@@ -68,3 +69,16 @@ def restore_num_threads():
     before = bnc.get_num_threads()
     yield before
     bnc.set_num_threads(before)
+
+
+@pytest.fixture
+def stream_threshold():
+    """Yields the default threshold; always restores it, even when the test fails."""
+    from bnc import _core
+
+    default = _core.stream_threshold_bytes()
+    try:
+        yield default
+    finally:
+        _core._set_stream_threshold_bytes(-1)
+    assert _core.stream_threshold_bytes() == default

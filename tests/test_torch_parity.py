@@ -3,7 +3,8 @@
 Each case runs a few training steps and then eval steps on a bnc module and a torch module that
 start from the same random weight and bias, and compares y, running_mean, running_var,
 num_batches_tracked, dx, grad_weight and grad_bias after every step. Channels-last inputs
-(axis=-1) are fed to torch as the permuted (N, C, ...) view.
+(axis=-1) are fed to torch as the permuted (N, C, ...) view. float16 input into float32 modules
+is compared with torch's half input with float parameters.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import F16, F32, case_id, make_inputs
 
 import bnc
 
@@ -203,3 +205,63 @@ def test_torch_fixture_fails_under_ci_and_skips_otherwise(torch_importer, monkey
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="torch is not installed"):
         torch_importer()
+
+
+# -- float16 input, float32 parameters -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls_name,shape,axis",
+                         [("BatchNorm2d", (8, 4, 6, 6), 1), ("BatchNorm2d", (8, 6, 6, 4), -1),
+                          ("BatchNorm1d", (16, 5), 1), ("BatchNorm1d", (4, 3, 130), 1)],
+                         ids=lambda v: case_id(v) if not isinstance(v, str) else v)
+def test_float16_module_parity_with_torch(torch, cls_name, shape, axis):
+    """float32 module on float16 input, against torch.nn.BatchNorm* (float32 parameters) on
+    the same float16 tensor -- torch supports half input with float parameters on CPU."""
+    c = shape[axis]
+    x, dy, w, b, _, _ = make_inputs(shape, axis, F16, seed=95 + c, offset=0.5)
+    m = getattr(bnc, cls_name)(c, axis=axis, momentum=0.3)
+    tm = getattr(torch.nn, cls_name)(c, momentum=0.3)
+    m.weight[:] = w
+    m.bias[:] = b
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(w))
+        tm.bias.copy_(torch.from_numpy(b))
+
+    def to_torch(a):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.movedim(-1, 1) if axis == -1 else t
+
+    def from_torch(t):
+        t = t.detach()
+        return (t.movedim(1, -1) if axis == -1 else t).contiguous().numpy()
+
+    for step in range(2):
+        xs = (x + F16(step)).astype(F16)
+        tx = to_torch(xs).requires_grad_(True)
+        ty = tm(tx)
+        assert ty.dtype == torch.float16, "torch did not keep half output for half input"
+        y = m(xs)
+        assert y.dtype == F16
+        np.testing.assert_allclose(y, from_torch(ty), rtol=1e-3, atol=2e-3, err_msg="y")
+        np.testing.assert_allclose(m.running_mean, tm.running_mean.numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(m.running_var, tm.running_var.numpy(), rtol=1e-5, atol=1e-6)
+        assert m.num_batches_tracked == int(tm.num_batches_tracked)
+        tm.zero_grad()
+        ty.backward(to_torch(dy))
+        dx = m.backward(dy)
+        assert dx.dtype == F16 and m.grad_weight.dtype == F32 and m.grad_bias.dtype == F32
+        tdx = from_torch(tx.grad)
+        np.testing.assert_allclose(dx, tdx, rtol=1e-3, atol=2e-3 * max(1.0, np.abs(tdx).max()),
+                                   err_msg="dx")
+        n = x.size // c
+        np.testing.assert_allclose(m.grad_weight, tm.weight.grad.numpy(), rtol=1e-3,
+                                   atol=1e-3 * np.sqrt(n), err_msg="grad_weight")
+        np.testing.assert_allclose(m.grad_bias, tm.bias.grad.numpy(), rtol=1e-4,
+                                   atol=1e-5 * np.sqrt(n), err_msg="grad_bias")
+    m.eval()
+    tm.eval()
+    with torch.no_grad():
+        ty = tm(to_torch(x))
+    assert ty.dtype == torch.float16
+    np.testing.assert_allclose(m(x), from_torch(ty), rtol=1e-3, atol=2e-3, err_msg="eval y")
