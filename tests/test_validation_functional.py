@@ -65,7 +65,7 @@ def test_functional_non_float_input(dtype):
     with unchanged(out), raises(TypeError, "dy: expected dtype float16, float32 or float64"):
         bnc.batch_norm_backward(x, x, np.zeros(3), np.ones(3), out=out)
     good = np.ones((4, 3), np.float32)
-    with unchanged(out), raises(TypeError, "x: expected dtype float16, float32 or float64"):
+    with unchanged(out), raises(TypeError, "x: expected dtype float32 (the dtype of dy), got"):
         bnc.batch_norm_backward(good, x, rm, rv, out=out)
 
 
@@ -246,7 +246,7 @@ PER_CHANNEL = ["weight", "bias", "running_mean", "running_var"]
         (np.ones(3, np.float16), TypeError, "expected dtype float32, got float16"),
         (np.ones(3, np.int32), TypeError, "expected dtype float32, got int32"),
         (np.ones(3, ">f4"), TypeError, "expected dtype float32, got >f4"),
-        ([1.0, 1.0, 1.0], TypeError, "expected a numpy.ndarray or None, got list"),
+        ([1.0, 1.0, 1.0], TypeError, "expected a numpy.ndarray"),
     ],
     ids=["len4", "len2", "2d", "0d", "f64", "f16", "i32", "big-endian", "list"],
 )
@@ -264,8 +264,8 @@ def test_functional_running_buffers_must_be_contiguous_and_writeable(which):
     x, w, b, rm, rv = _forward_args()
     strided = np.zeros(6, np.float32)[::2]
     read_only = make_read_only(np.zeros(3, np.float32))
-    for bad, fragment in ((strided, "expected a C-contiguous array (it is updated in place)"),
-                          (read_only, "expected a writeable array (it is updated in place)")):
+    for bad, fragment in ((strided, "expected a C-contiguous array, got a strided one"),
+                          (read_only, "expected a writeable array, got a read-only one")):
         args = dict(running_mean=rm, running_var=rv)
         args[which] = bad
         out = np.full(x.shape, 2.0, np.float32)
@@ -317,7 +317,8 @@ def test_backward_bad_per_channel_array(which):
 def test_backward_dy_and_x_must_match():
     x, w, _, rm, rv = _forward_args()
     out = np.full(x.shape, 1.0, np.float32)
-    with unchanged(out), raises(ValueError, "dy: expected the shape of x (4, 3, 2), got (4, 3, 3)"):
+    with unchanged(out), raises(ValueError,
+                                "x: expected shape (4, 3, 3) (the shape of dy), got (4, 3, 2)"):
         bnc.batch_norm_backward(np.ones((4, 3, 3), np.float32), x, rm, rv, w, out=out)
     with unchanged(out), raises(TypeError,
                                 "x: expected dtype float64 (the dtype of dy), got float32"):

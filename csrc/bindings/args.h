@@ -54,18 +54,21 @@ auto by_dtype(const py::array& x, const char* name, F&& f) {
 }
 
 template <class T, class P>
-Buffer check_arg(const ArgSpec& s, const py::handle& h, const py::array& first, int64_t channels) {
+Buffer check_arg(const ArgSpec& s, const py::handle& h, const py::array& first,
+                 const char* first_name, int64_t channels) {
   const bool out = s.access == Access::out;
   const py::array* like = s.extent == Extent::like_first ? &first : nullptr;
+  // An input that must match the first tensor says so; an output's shape is obviously its own.
+  const char* like_name = like && !out && s.name != first_name ? first_name : nullptr;
   switch (s.elem) {
     case Elem::data:
-      return check<T>(h, s.name, out, channels, like, s.optional);
+      return check<T>(h, s.name, out, channels, like, like_name, s.optional);
     case Elem::param:
-      return check<P>(h, s.name, out, channels, like, s.optional);
+      return check<P>(h, s.name, out, channels, like, like_name, s.optional);
     case Elem::stats:
       break;
   }
-  return check<double>(h, s.name, out, channels, like, s.optional);
+  return check<double>(h, s.name, out, channels, like, like_name, s.optional);
 }
 
 // Checks the arguments `handles` against `spec` (the first one is the tensor whose dtype picks
@@ -88,7 +91,7 @@ int64_t run_op(const std::array<ArgSpec, N>& spec, const std::array<py::handle, 
                             shape_str(first));
     std::array<Buffer, N> buffers;
     for (size_t i = 0; i < N; ++i)
-      buffers[i] = check_arg<T, P>(spec[i], handles[i], first, g.channels);
+      buffers[i] = check_arg<T, P>(spec[i], handles[i], first, spec[0].name, g.channels);
     for (size_t i = 0; i < N; ++i) {
       if (spec[i].access != Access::out) continue;
       for (size_t j = 0; j < N; ++j)

@@ -42,7 +42,7 @@ bnc::Geometry geometry_of(const py::array& x, const char* name, int64_t axis) {
 }
 
 void check_layout(const py::array& a, const char* name, size_t align, bool writeable,
-                  int64_t count, const py::array* like) {
+                  int64_t count, const py::array* like, const char* like_name) {
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + ": expected a C-contiguous array, got a strided one");
   if (reinterpret_cast<uintptr_t>(a.data()) % align != 0)
@@ -55,6 +55,7 @@ void check_layout(const py::array& a, const char* name, size_t align, bool write
     for (py::ssize_t d = 0; same && d < a.ndim(); ++d) same = a.shape(d) == like->shape(d);
     if (!same)
       throw py::value_error(std::string(name) + ": expected shape " + shape_str(*like) +
+                            (like_name ? std::string(" (the shape of ") + like_name + ")" : "") +
                             ", got " + shape_str(a));
   } else if (a.ndim() != 1 || a.shape(0) != count) {
     throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(count) +

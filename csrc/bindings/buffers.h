@@ -51,19 +51,22 @@ struct Buffer {
 };
 
 // Checks the layout of an array of the right dtype: C-contiguous, aligned to `align`, writeable
-// if `writeable`, and of shape `like`'s shape (when given) or (count,).
+// if `writeable`, and of shape `like`'s shape (when given; `like_name` names it) or (count,).
 void check_layout(const py::array& a, const char* name, size_t align, bool writeable,
-                  int64_t count, const py::array* like);
+                  int64_t count, const py::array* like, const char* like_name);
 
+// Checks one argument: an ndarray (or None if `optional`) of dtype U and the layout above.
+// `like_name` (or null) names the tensor whose dtype and shape it must have.
 template <class U>
 Buffer check(const py::handle& obj, const char* name, bool writeable, int64_t count,
-             const py::array* like, bool optional) {
+             const py::array* like, const char* like_name, bool optional) {
   if (optional && obj.is_none()) return Buffer{};
   py::array a = as_array(obj, name, optional);
   if (a.dtype().char_() != DtypeOf<U>::code || !is_native(a))
-    throw py::type_error(std::string(name) + ": expected dtype " + DtypeOf<U>::name + ", got " +
-                         dtype_str(a));
-  check_layout(a, name, alignof(U), writeable, count, like);
+    throw py::type_error(std::string(name) + ": expected dtype " + DtypeOf<U>::name +
+                         (like_name ? std::string(" (the dtype of ") + like_name + ")" : "") +
+                         ", got " + dtype_str(a));
+  check_layout(a, name, alignof(U), writeable, count, like, like_name);
   Buffer b;
   b.begin = static_cast<const char*>(a.data());
   b.end = b.begin + a.nbytes();
