@@ -20,7 +20,9 @@ def select_isa_from_environment() -> None:
         ) from None
 
 
-MAX_THREADS = 4096  # more is a mistake, not a machine (libgomp aborts on absurd counts)
+# The thread cap, defined once in the binding (more is a mistake, not a machine: libgomp aborts
+# on absurd counts).
+MAX_THREADS: int = _core.MAX_THREADS
 
 
 def set_num_threads(n: int) -> None:

@@ -77,7 +77,8 @@ def test_misaligned_buffers():
         # (a copy would lose the update), and nothing is modified.
         xm, dym, rmm = misaligned(x), misaligned(dy), misaligned(rm)
         rm_before = rmm.copy()
-        with pytest.raises(ValueError, match="running_mean: expected an array aligned to its element size"):
+        with pytest.raises(ValueError,
+                           match="running_mean: expected an array aligned to its element size"):
             bnc.batch_norm_forward(x, w, b, rmm, rv.copy())
         np.testing.assert_array_equal(rmm, rm_before)
         with pytest.raises(ValueError, match="out: expected an array aligned"):

@@ -1,5 +1,7 @@
 #include "kernels/dispatch.h"
 
+#include "kernels/isa_features.h"
+
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -41,14 +43,10 @@ bool cpu_has(const std::string& isa) {
   if (isa == "baseline") return true;
 #if BNC_HAVE_X86_ISAS
   __builtin_cpu_init();
-  if (isa == "avx2")
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  if (isa == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+#define BNC_CPU_HAS(feature, macro) &&__builtin_cpu_supports(#feature)
+  if (isa == "avx2") return true BNC_ISA_FEATURES_avx2(BNC_CPU_HAS);
+  if (isa == "avx512") return true BNC_ISA_FEATURES_avx512(BNC_CPU_HAS);
+#undef BNC_CPU_HAS
 #endif
   return false;
 }
