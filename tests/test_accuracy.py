@@ -6,7 +6,7 @@
 - rows narrower than 64 elements folded 16 at a time into super-rows;
 - inference output near and far from zero.
 
-All data is drawn from fixed seeds. Loop families (see csrc/kernels/batch_norm_impl.h): "row"
+All data is drawn from fixed seeds. Loop families (see csrc/kernels/impl/plan.h): "row"
 when the inner size (product of the dimensions after the channel axis) is < 64 -- (N, C),
 channels-last, 7x7 -- and "segment" when it is >= 64. Where a test also asserts bitwise identity
 across thread counts and row orders, that is the reproducibility of this very data (the general
