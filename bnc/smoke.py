@@ -1,5 +1,6 @@
 """``python -m bnc.smoke``: a quick self-check of the installed extension (used by CI on emulated
-CPUs): the active ISA, and forward/backward on both loop families against NumPy in float64."""
+CPUs): the active ISA, and forward/backward on both loop families against NumPy in float64, and
+the split-phase building blocks composed against the fused calls."""
 
 from __future__ import annotations
 
@@ -32,7 +33,15 @@ def main() -> int:
             y_ref, m_ref, s_ref = numpy_baseline.forward(x.astype(np.float64), axis=axis)
             dx_ref, _, _ = numpy_baseline.backward(
                 dy.astype(np.float64), x.astype(np.float64), m_ref, s_ref, axis=axis)
-            error = max(np.abs(y - y_ref).max(), np.abs(dx - dx_ref).max() / np.abs(dx_ref).max())
+            # The split-phase blocks composed give the fused calls' results.
+            count, s_mean, m2 = bnc.batch_norm_stats(x, axis=axis)
+            y_split = bnc.batch_norm_elemt(x, s_mean, 1.0 / np.sqrt(m2 / count + 1e-5), axis=axis)
+            sums = bnc.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
+            dx_split = bnc.batch_norm_backward_elemt(dy, x, mean, invstd, None, *sums, count,
+                                                     axis=axis)
+            error = max(np.abs(y - y_ref).max(), np.abs(dx - dx_ref).max() / np.abs(dx_ref).max(),
+                        np.abs(y_split - y_ref).max(),
+                        np.abs(dx_split - dx_ref).max() / np.abs(dx_ref).max())
             worst = max(worst, error / tol)
             if not error <= tol:
                 print(f"FAIL: {shape} axis={axis} {np.dtype(dtype)}: error {error:.2e} > {tol:.0e}")
