@@ -33,7 +33,7 @@ from helpers import (
 import bnc
 from bnc import _core
 
-# (shape, axis). The comments name the kernel path the shape exercises (see csrc/kernels/impl/plan.h).
+# (shape, axis). The comments name the kernel path each shape exercises (csrc/kernels/impl/plan.h).
 SHAPES = [
     ((16, 1), 1),  # (N, C), C = 1
     ((16, 3), 1),
