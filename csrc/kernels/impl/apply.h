@@ -30,7 +30,7 @@ struct ApplyPrefetch {
 // Applies `map` to elements [e, end) of the flattened tensor, in memory order, prefetching as
 // `prefetch` says.
 template <bool Stream, class T, class Map>
-void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
+void apply_range(const Geometry& geometry, const Map& map_fields, Compute<T>* const* coef_arrays,
                  const LaneCoefs<T, Map::kCoefs>& lanes, int64_t e, int64_t end,
                  ApplyPrefetch prefetch) {
   using C = Compute<T>;
@@ -39,6 +39,12 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
   constexpr int64_t W = kVecElems<T>;
   constexpr uintptr_t kAlign = sizeof(typename Types<T>::RawForVec);
   if (e >= end) return;  // also keeps empty tensors (inner == 0) away from the divisions below
+  // Locals, not the callers' structs: a streaming store may alias anything for the compiler, and
+  // would make it reload every pointer and size from memory after each vector.
+  const Geometry g = geometry;
+  const Map map = map_fields;
+  const C* coefs[K];
+  for (int k = 0; k < K; ++k) coefs[k] = coef_arrays[k];
   T* const out = map.out;
   const int64_t ahead = prefetch.ahead;
   const int64_t prefetch_end = prefetch.end;
@@ -93,7 +99,6 @@ void apply_range(const Geometry& g, const Map& map, Compute<T>* const* coefs,
     }
     return;
   }
-  // Locals, not the struct's fields: stores through `out` could alias those for the compiler.
   const C* lane_coef[K];
   for (int k = 0; k < K; ++k) lane_coef[k] = lanes.lanes[k];
   const int64_t width = lanes.width;
