@@ -78,20 +78,29 @@ void apply_range(const Geometry& geometry, const Map& map_fields, Compute<T>* co
       out[e] = static_cast<T>(map.one(e, ks));
     }
     const V lane_index = iota<V, C>();
-    for (; e + W <= end; e += W) {
-      if (e < prefetch_end) map.prefetch(e + ahead, W);
+    while (e + W <= end) {
       if (e == segment_end) advance();
-      if (e + W <= segment_end) {
-        put<Stream>(out + e, map.vec(e, kv));
-        continue;
+      // The segment's whole vectors: a loop with nothing else to keep in registers (its own
+      // copy of the coefficients, which no lambda holds by reference).
+      const int64_t last = min64(segment_end, end) - W;
+      V segment_kv[K];
+      for (int k = 0; k < K; ++k) segment_kv[k] = kv[k];
+      for (; e <= last; e += W) {
+        if (e < prefetch_end) map.prefetch(e + ahead, W);
+        put<Stream>(out + e, map.vec(e, segment_kv));
       }
-      // Lanes below segment_end - e belong to channel c, the others to the next channel.
+      if (e + W > end) break;
+      if (e == segment_end) continue;
+      // A vector that crosses into the next segment: lanes below segment_end - e belong to
+      // channel c, the others to the next channel.
+      if (e < prefetch_end) map.prefetch(e + ahead, W);
       const auto in_this = lane_index < static_cast<C>(segment_end - e);
       V mixed[K];
       const int64_t next = c + 1 == g.channels ? 0 : c + 1;
       for (int k = 0; k < K; ++k) mixed[k] = in_this ? kv[k] : broadcast<V>(coefs[k][next]);
       put<Stream>(out + e, map.vec(e, mixed));
       advance();
+      e += W;
     }
     for (; e < end; ++e) {
       if (e == segment_end) advance();
