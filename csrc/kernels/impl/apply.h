@@ -42,7 +42,7 @@ void apply_range(const Geometry& geometry, const Map& map_fields, Compute<T>* co
   // Locals, not the callers' structs: a streaming store may alias anything for the compiler, and
   // would make it reload every pointer and size from memory after each vector.
   const Geometry g = geometry;
-  const Map map = map_fields;
+  const Map& map = map_fields;
   const C* coefs[K];
   for (int k = 0; k < K; ++k) coefs[k] = coef_arrays[k];
   T* const out = map.out;
@@ -78,22 +78,32 @@ void apply_range(const Geometry& geometry, const Map& map_fields, Compute<T>* co
       out[e] = static_cast<T>(map.one(e, ks));
     }
     const V lane_index = iota<V, C>();
+    // Short segments: their whole vectors run in a loop of their own, on a copy of the
+    // coefficients that no lambda holds (the per-vector segment checks cost more than the data
+    // there). Longer ones keep one loop with the checks, which paces the prefetches of the
+    // pipelined schedule (apply_reducing_next) better. Same arithmetic either way.
+    const bool short_segments = g.inner < kShortSegmentElems;
     while (e + W <= end) {
       if (e == segment_end) advance();
-      // The segment's whole vectors: a loop with nothing else to keep in registers (its own
-      // copy of the coefficients, which no lambda holds by reference).
-      const int64_t last = min64(segment_end, end) - W;
-      V segment_kv[K];
-      for (int k = 0; k < K; ++k) segment_kv[k] = kv[k];
-      for (; e <= last; e += W) {
-        if (e < prefetch_end) map.prefetch(e + ahead, W);
-        put<Stream>(out + e, map.vec(e, segment_kv));
+      if (short_segments) {
+        const int64_t last = min64(segment_end, end) - W;
+        V segment_kv[K];
+        for (int k = 0; k < K; ++k) segment_kv[k] = kv[k];
+        for (; e <= last; e += W) {
+          if (e < prefetch_end) map.prefetch(e + ahead, W);
+          put<Stream>(out + e, map.vec(e, segment_kv));
+        }
+        if (e + W > end) break;
+        if (e == segment_end) continue;
       }
-      if (e + W > end) break;
-      if (e == segment_end) continue;
+      if (e < prefetch_end) map.prefetch(e + ahead, W);
+      if (e + W <= segment_end) {
+        put<Stream>(out + e, map.vec(e, kv));
+        e += W;
+        continue;
+      }
       // A vector that crosses into the next segment: lanes below segment_end - e belong to
       // channel c, the others to the next channel.
-      if (e < prefetch_end) map.prefetch(e + ahead, W);
       const auto in_this = lane_index < static_cast<C>(segment_end - e);
       V mixed[K];
       const int64_t next = c + 1 == g.channels ? 0 : c + 1;
