@@ -70,7 +70,7 @@ constexpr int64_t kInOrderPrefetchBytes = 4096;
 // Segments shorter than this get per-lane coefficients (a flat loop with no per-row bookkeeping).
 constexpr int64_t kPeriodicBelowInner = 16;
 // Segments shorter than this run their whole vectors in a loop of their own (apply_range).
-constexpr int64_t kShortSegmentElems = 256;
+constexpr int64_t kShortSegmentElems = 64;
 // Apply loops prefetch inputs that come from memory this far ahead.
 constexpr int64_t kApplyPrefetchBytes = 4096;
 // The reverse sweep prefetches a task whose inputs were read this fraction of L3 ago or longer.
