@@ -30,7 +30,7 @@ struct ApplyPrefetch {
 // Applies `map` to elements [e, end) of the flattened tensor, in memory order, prefetching as
 // `prefetch` says.
 template <bool Stream, class T, class Map>
-void apply_range(const Geometry& geometry, const Map& map_fields, Compute<T>* const* coef_arrays,
+void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* coef_arrays,
                  const LaneCoefs<T, Map::kCoefs>& lanes, int64_t e, int64_t end,
                  ApplyPrefetch prefetch) {
   using C = Compute<T>;
@@ -40,9 +40,9 @@ void apply_range(const Geometry& geometry, const Map& map_fields, Compute<T>* co
   constexpr uintptr_t kAlign = sizeof(typename Types<T>::RawForVec);
   if (e >= end) return;  // also keeps empty tensors (inner == 0) away from the divisions below
   // Locals, not the callers' structs: a streaming store may alias anything for the compiler, and
-  // would make it reload every pointer and size from memory after each vector.
+  // would make it reload every size and coefficient pointer from memory after each vector. (The
+  // map's own pointers stay behind the reference: see kShortSegmentElems in docs/tuning.md.)
   const Geometry g = geometry;
-  const Map& map = map_fields;
   const C* coefs[K];
   for (int k = 0; k < K; ++k) coefs[k] = coef_arrays[k];
   T* const out = map.out;
