@@ -20,9 +20,8 @@ namespace {
 
 // Copies with non-temporal stores (as the kernels write large outputs), so the yardstick moves
 // each byte once each way, like the kernels do. The source is prefetched kCopyPrefetchBytes
-// ahead, a line at a time: a yardstick must be the fastest copy we know, and this one is 3-26%
-// faster than without (measured on Zen 3, 1 and 2 threads, 8-103 MB, timed as the benchmark times
-// it; never slower).
+// ahead, a line at a time: a yardstick must be the fastest copy we know (docs/tuning.md,
+// kCopyPrefetchBytes).
 constexpr int64_t kCopyPrefetchBytes = 4096;
 
 void stream_copy(const char* from, char* to, int64_t bytes) {
