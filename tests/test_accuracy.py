@@ -388,3 +388,26 @@ def test_eval_accuracy_near_and_far_from_zero(offset, shape, axis):
     exact = ((x.astype(np.float64) - running_mean.reshape(bshape)) * (invstd * w).reshape(bshape)
              + b.reshape(bshape))
     assert np.abs(y - exact).max() <= 2e-6 * (1 + np.abs(exact).max())
+
+
+@pytest.mark.parametrize("dtype, spread", [(np.float64, 1e105), (np.float64, 1e120),
+                                           (np.float64, 1e150), (np.float32, 1e20),
+                                           (np.float32, 1e30)])
+def test_backward_at_extreme_spreads(dtype, spread):
+    """dx of data scaled by s is dx of the unscaled data divided by s (eps is negligible against
+    the variance at both scales). The expanded coefficient a * invstd^2 underflowed at spreads of
+    1e105 (float64, 2-3 digits lost) and 1e20 (float32)."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((4096, 3)) + np.array([0.5, -2.0, 0.0])
+    dy = rng.standard_normal((4096, 3)).astype(dtype)
+    w = np.array([1.0, -0.5, 2.0], dtype)
+    x1 = base.astype(dtype)
+    xs = (base * spread).astype(dtype)
+    _, m1, s1 = bnc.batch_norm_forward(x1, w, eps=1e-30)
+    _, ms, ss = bnc.batch_norm_forward(xs, w, eps=1e-30)
+    dx1, _, _ = bnc.batch_norm_backward(dy, x1, m1, s1, w)
+    dxs, _, _ = bnc.batch_norm_backward(dy, xs, ms, ss, w)
+    assert np.isfinite(dxs).all()
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    scaled = dxs.astype(np.float64) * spread
+    np.testing.assert_allclose(scaled, dx1, rtol=tol, atol=tol * np.abs(dx1).max())

@@ -24,7 +24,8 @@ void choose_pivots(const T* x, const Geometry& g, double* shifts) {
     if (g.inner == 1) {  // a row: contiguous, so the loop vectorizes
       for (int64_t c = 0; c < g.channels; ++c) shifts[c] += static_cast<double>(sample[c]);
     } else {
-      for (int64_t c = 0; c < g.channels; ++c) shifts[c] += static_cast<double>(sample[c * g.inner]);
+      for (int64_t c = 0; c < g.channels; ++c)
+        shifts[c] += static_cast<double>(sample[c * g.inner]);
     }
   }
   for (int64_t c = 0; c < g.channels; ++c)
@@ -82,22 +83,23 @@ struct MomentsFinalize {
   }
 };
 
-// The backward map's coefficients for channel c: dx = a * dy + b * (x - mean) + k with
-// a = invstd * weight, b = -a * invstd^2 * sum_dy_xmu / n, k = -a * sum_dy / n. The map subtracts
-// mean_c, the mean rounded to the compute type; a mean that is not such a number (float64
-// statistics of float32 data) moves its remainder into k.
+// The backward map's coefficients for channel c (GradTrainMap): a = invstd * weight,
+// g = invstd * sum_dy_xmu / n, k = sum_dy / n. The map subtracts mean_c, the mean rounded to the
+// compute type; a mean that is not such a number (float64 statistics of float32 data) moves its
+// remainder into k.
 template <class C>
 inline void set_grad_train(C* const* k, int64_t c, double mean, double invstd, double weight,
                            double sum_dy, double sum_dy_xmu, double n) {
-  const double a = invstd * weight;
   const C mean_c = static_cast<C>(mean);
-  const double b = -a * invstd * invstd * sum_dy_xmu / n;
-  double shift = -a * sum_dy / n;
-  if (static_cast<double>(mean_c) != mean) shift += b * (static_cast<double>(mean_c) - mean);
-  k[0][c] = static_cast<C>(a);
+  const double g = invstd * sum_dy_xmu / n;
+  double shift = sum_dy / n;
+  if (static_cast<double>(mean_c) != mean)
+    shift += (static_cast<double>(mean_c) - mean) * invstd * g;
+  k[0][c] = static_cast<C>(invstd * weight);
   k[1][c] = mean_c;
-  k[2][c] = static_cast<C>(b);
-  k[3][c] = static_cast<C>(shift);
+  k[2][c] = static_cast<C>(invstd);
+  k[3][c] = static_cast<C>(g);
+  k[4][c] = static_cast<C>(shift);
 }
 
 }  // namespace

@@ -37,12 +37,15 @@ inline void set_normalize(C* const* k, int64_t c, double mean, double scale, dou
   k[2][c] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
 }
 
-// Backward, training: dx = a * dy + b * (x - mean) + k. The mean is a number of the compute type
-// (float for float32 and float16 data), so x - mean is exact where it matters.
+// Backward, training: dx = a * ((dy - k) - ((x - mean) * invstd) * g), with
+// k = sum(dy) / n and g = invstd * sum(dy * (x - mean)) / n. Every intermediate is of the order of
+// dy or of the normalized x, whatever the data's scale: the expanded form a * invstd^2 * ... left
+// the range at spreads of 1e20 (float32) or 1e105 (float64). The mean is a number of the compute
+// type (float for float32 and float16 data), so x - mean is exact where it matters.
 template <class T>
 struct GradTrainMap {
   using C = Compute<T>;
-  static constexpr int kCoefs = 4;  // a, mean, b, k
+  static constexpr int kCoefs = 5;  // a, mean, invstd, g, k
   static constexpr bool kWrites = true;
   static constexpr int kInputs = 2;
   const T* dy;
@@ -53,10 +56,12 @@ struct GradTrainMap {
     prefetch_piece(x + off, count);
   }
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
-    return k[0] * load_compute(dy + off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
+    const Vec<T> normalized = (load_compute(x + off) - k[1]) * k[2];
+    return k[0] * ((load_compute(dy + off) - k[4]) - normalized * k[3]);
   }
   C one(int64_t off, const C* k) const {
-    return k[0] * static_cast<C>(dy[off]) + k[2] * (static_cast<C>(x[off]) - k[1]) + k[3];
+    const C normalized = (static_cast<C>(x[off]) - k[1]) * k[2];
+    return k[0] * ((static_cast<C>(dy[off]) - k[4]) - normalized * k[3]);
   }
 };
 

@@ -178,7 +178,7 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
       const double w = weight ? static_cast<double>(weight[c]) : 1.0;
       grad_bias[c] = static_cast<P>(sum_dy);
       grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
-      if constexpr (Map::kCoefs == 4)
+      if constexpr (Map::kCoefs == 5)
         set_grad_train(coefs, c, st.shifts[c], invstd, w, sum_dy, sum_dy_xmu, n);
       else
         coefs[0][c] = static_cast<C>(invstd * w);

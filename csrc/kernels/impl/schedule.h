@@ -53,8 +53,8 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
         if constexpr (Map::kWrites) {
           reduced = pipelined && next < p.num_chunks;
           if (reduced) {
-            apply_reducing_next<Stream, T>(p, terms, st.shifts, map, st.coefs, st.lanes, chunk, next,
-                                           s);
+            apply_reducing_next<Stream, T>(p, terms, st.shifts, map, st.coefs, st.lanes, chunk,
+                                           next, s);
             continue;
           }
           // An input too large for the cache (Stream) comes from memory: the next chunk is
