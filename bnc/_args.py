@@ -102,6 +102,19 @@ def statistics(array: object, name: str, x_dtype: np.dtype) -> object:
     return contiguous(array)
 
 
+def disjoint_from_copies(outputs: dict, inputs: dict) -> None:
+    """ValueError when an output shares memory with a caller's input that was copied here (the
+    binding then sees only the copy, and would write into the caller's array unnoticed). The
+    same test as the binding's: by byte ranges. ``inputs`` maps names to (caller's, normalized)."""
+    for in_name, (given, normalized) in inputs.items():
+        if given is normalized or not isinstance(given, np.ndarray):
+            continue
+        for out_name, out in outputs.items():
+            if isinstance(out, np.ndarray) and np.may_share_memory(out, given):
+                raise ValueError(f"{out_name}: expected memory not shared with {in_name}, got an "
+                                 "overlapping array")
+
+
 def check_eps(eps: object) -> float:
     if type(eps) is float and 0.0 < eps < _INF:  # the common case, without ABC checks
         return eps

@@ -157,6 +157,13 @@ def forward_counting_skips(
     running statistics were not updated (non-finite batch statistics), for callers that update
     their own state before warning (the modules)."""
     tracking = running_mean is not None or running_var is not None
+    if training and tracking and (running_mean is None or running_var is None):
+        # As PyTorch: half the running statistics would leave the other half stale.
+        raise ValueError(
+            "running_mean, running_var: expected both arrays or neither when training, got "
+            f"{'None' if running_mean is None else 'an array'} and "
+            f"{'None' if running_var is None else 'an array'}"
+        )
     fast = _fast_path(x, axis, out) if _usual_scalars(eps, momentum) else None
     if fast is not None:
         fast_axis, y, save_mean, save_invstd = fast
@@ -172,6 +179,7 @@ def forward_counting_skips(
             pass  # nothing was written: the normalizing path below copies or explains
         else:
             return y, save_mean, save_invstd, skipped if tracking else 0
+    given = {"x": x, "weight": weight, "bias": bias}
     x = A.tensor(x)
     axis = A.normalize_axis(axis, x.ndim)
     eps = A.check_eps(eps)
@@ -179,6 +187,8 @@ def forward_counting_skips(
     channels = A.channels_of(x, axis)
     pdtype = A.param_dtype(x.dtype)
     weight, bias = A.contiguous(weight), A.contiguous(bias)
+    copies = {"x": (given["x"], x), "weight": (given["weight"], weight),
+              "bias": (given["bias"], bias)}
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -187,8 +197,12 @@ def forward_counting_skips(
                 f"{'None' if running_var is None else 'an array'}"
             )
         # Only read in eval: they may be strided or read-only.
-        running_mean, running_var = A.contiguous(running_mean), A.contiguous(running_var)
+        copies["running_mean"] = (running_mean, A.contiguous(running_mean))
+        copies["running_var"] = (running_var, A.contiguous(running_var))
+        running_mean, running_var = copies["running_mean"][1], copies["running_var"][1]
     out = A.output(out, x)
+    A.disjoint_from_copies({"out": out, "running_mean": running_mean if training else None,
+                            "running_var": running_var if training else None}, copies)
     save_mean = np.empty(channels, pdtype)
     save_invstd = np.empty(channels, pdtype)
     if not training:
@@ -246,6 +260,7 @@ def batch_norm_backward(
             pass  # nothing was written: the normalizing path below copies or explains
         else:
             return dx, grad_weight, grad_bias
+    given = (dy, x, save_mean, save_invstd, weight)
     dy = A.tensor(dy, "dy")
     x = A.tensor(x, "x")
     axis = A.normalize_axis(axis, dy.ndim)
@@ -254,6 +269,9 @@ def batch_norm_backward(
     save_invstd = A.contiguous(A.required(save_invstd, "save_invstd", channels))
     weight = A.contiguous(weight)
     out = A.output(out, dy)
+    A.disjoint_from_copies({"out": out}, dict(zip(
+        ("dy", "x", "save_mean", "save_invstd", "weight"),
+        zip(given, (dy, x, save_mean, save_invstd, weight)))))
     pdtype = A.param_dtype(dy.dtype)
     grad_weight = np.empty(channels, pdtype)
     grad_bias = np.empty(channels, pdtype)
@@ -387,12 +405,16 @@ def batch_norm_elemt(
     x's per-channel dtype or None. Given the forward's own float64 statistics it gives the
     forward's y bit for bit. ``out`` as in ``batch_norm_forward``.
     """
+    given = (x, mean, invstd, weight, bias)
     x = A.tensor(x)
     axis = A.normalize_axis(axis, x.ndim)
     mean = A.statistics(mean, "mean", x.dtype)
     invstd = A.statistics(invstd, "invstd", x.dtype)
+    weight, bias = A.contiguous(weight), A.contiguous(bias)
     out = A.output(out, x)
-    _core.elemt(x, out, mean, invstd, A.contiguous(weight), A.contiguous(bias), axis)
+    A.disjoint_from_copies({"out": out}, dict(zip(("x", "mean", "invstd", "weight", "bias"),
+                                                  zip(given, (x, mean, invstd, weight, bias)))))
+    _core.elemt(x, out, mean, invstd, weight, bias, axis)
     return out
 
 
@@ -436,6 +458,8 @@ def batch_norm_backward_elemt(
     per-channel dtype. With the sums of ``batch_norm_backward_reduce`` over the whole batch it
     gives ``batch_norm_backward``'s dx bit for bit.
     """
+    names = ("dy", "x", "mean", "invstd", "weight", "sum_dy", "sum_dy_xmu")
+    given = (dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)
     dy = A.tensor(dy, "dy")
     x = A.tensor(x, "x")
     axis = A.normalize_axis(axis, dy.ndim)
@@ -444,7 +468,10 @@ def batch_norm_backward_elemt(
     invstd = A.statistics(invstd, "invstd", dy.dtype)
     sum_dy = A.statistics(sum_dy, "sum_dy", dy.dtype)
     sum_dy_xmu = A.statistics(sum_dy_xmu, "sum_dy_xmu", dy.dtype)
+    weight = A.contiguous(weight)
     out = A.output(out, dy)
-    _core.backward_elemt(dy, x, out, mean, invstd, A.contiguous(weight), sum_dy, sum_dy_xmu,
+    A.disjoint_from_copies({"out": out}, dict(zip(names, zip(
+        given, (dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)))))
+    _core.backward_elemt(dy, x, out, mean, invstd, weight, sum_dy, sum_dy_xmu,
                          float(count), axis)
     return out
