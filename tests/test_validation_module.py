@@ -291,12 +291,13 @@ def test_module_rejects_malformed_input_and_state():
                 ("weight", np.ones(3, F64)), ("weight", [1.0, 1.0, 1.0]), ("bias", np.ones(4, F32)),
                 ("bias", np.ones(3, np.complex64)), ("running_mean", np.ones(3, object)),
                 ("running_var", np.ones(3, np.int32)), ("eps", float("nan")), ("eps", -1.0),
-                ("eps", "x"), ("axis", 7), ("axis", "1"), ("axis", 1.0),
+                ("eps", "x"), ("eps", 10**400), ("axis", 7), ("axis", "1"), ("axis", 1.0),
             ]
             if training:
                 ro = np.zeros(3, F32)
                 ro.flags.writeable = False
                 corruptions += [("momentum", float("nan")), ("momentum", "0.1"),
+                                ("momentum", 10**400), ("momentum", -(10**400)),
                                 ("running_mean", ro), ("running_var", np.ones(6, F32)[::2])]
             else:
                 corruptions += [("running_var", None)]
