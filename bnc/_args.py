@@ -9,8 +9,9 @@ inputs are copied once, the axis is made non-negative, outputs are allocated.
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -115,15 +116,40 @@ def disjoint_from_copies(outputs: dict, inputs: dict) -> None:
                                  "overlapping array")
 
 
+def _real_as_float(value: numbers.Real) -> Tuple[float, str]:
+    """``float(value)`` and the text a message shows for it. A number beyond the float range
+    (``10**400``: ``float()`` raises OverflowError) is ±inf here, shown by its magnitude rather
+    than by its hundreds of digits (``str()`` refuses ints of over 4300)."""
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return (_INF if value > 0 else -_INF), _beyond_float(value)
+    return as_float, str(as_float)
+
+
+def _beyond_float(value: numbers.Real) -> str:
+    name = type(value).__name__
+    text = f"{'an' if name[0] in 'aeiou' else 'a'} {name} beyond the float range"
+    if not isinstance(value, numbers.Rational):
+        return text
+    # math.log10 takes ints of any size
+    exponent = math.log10(abs(value.numerator)) - math.log10(value.denominator)
+    power = math.floor(exponent)
+    mantissa = round(10.0 ** (exponent - power))
+    if mantissa == 10:
+        mantissa, power = 1, power + 1
+    return f"{text} (about {'-' if value < 0 else ''}{mantissa}e+{power})"
+
+
 def check_eps(eps: object) -> float:
     if type(eps) is float and 0.0 < eps < _INF:  # the common case, without ABC checks
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not eps > 0.0 or not np.isfinite(eps):
-        raise ValueError(f"eps must be positive and finite, got {eps}")
-    return eps
+    value, shown = _real_as_float(eps)
+    if not 0.0 < value < _INF:
+        raise ValueError(f"eps must be positive and finite, got {shown}")
+    return value
 
 
 def check_momentum(momentum: object) -> float:
@@ -131,10 +157,10 @@ def check_momentum(momentum: object) -> float:
         return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
-    momentum = float(momentum)
-    if not np.isfinite(momentum):
-        raise ValueError(f"momentum: expected a finite float, got {momentum}")
-    return momentum
+    value, shown = _real_as_float(momentum)
+    if not -_INF < value < _INF:
+        raise ValueError(f"momentum: expected a finite float, got {shown}")
+    return value
 
 
 def check_count(count: object) -> int:

@@ -7,6 +7,7 @@ for ``backward``. All computation is in ``bnc.functional`` and the C++ kernels.
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -16,6 +17,18 @@ from . import functional as F
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _MODULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` with which ``F.warn_skipped``, called by ``forward``, names the first
+    frame outside this file: the user's ``m(x)`` goes through ``__call__``, ``m.forward(x)``
+    does not, and Python 3.9 has no ``skip_file_prefixes``."""
+    this_file = sys._getframe(1).f_code.co_filename  # forward's
+    level, frame = 3, sys._getframe(2)  # 1: warn_skipped, 2: forward, 3: forward's caller
+    while frame is not None and frame.f_code.co_filename == this_file:
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 class _BatchNorm:
@@ -76,7 +89,15 @@ class _BatchNorm:
     # -- mode ------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> "_BatchNorm":
-        """Sets training mode (batch statistics, running-statistics update); returns self."""
+        """Sets training mode (batch statistics, running-statistics update); returns self.
+
+        ``mode`` is a bool (or ``numpy.bool_``): anything else raises ``TypeError``, since
+        ``bool("False")`` is true.
+        """
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(
+                f"train: training mode is expected to be boolean, got {type(mode).__name__}"
+            )
         self.training = bool(mode)
         return self
 
@@ -117,6 +138,12 @@ class _BatchNorm:
         x = self._check_input(x)
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
+        if update and not 0 <= self.num_batches_tracked < _INT64_MAX:
+            # the step adds 1, and state_dict must still save it as an int64
+            raise ValueError(
+                "num_batches_tracked: expected a non-negative count below "
+                f"{_INT64_MAX} before a training step, got {self.num_batches_tracked}"
+            )
         momentum = self.momentum
         if update and momentum is None:  # cumulative moving average
             momentum = 1.0 / (self.num_batches_tracked + 1)
@@ -135,7 +162,7 @@ class _BatchNorm:
             self.num_batches_tracked += 1
         self._saved = (x, save_mean, save_invstd, use_batch_stats)
         if skipped:  # after the state is complete: the warning may be raised as an error
-            F.warn_skipped(skipped, self.num_features, stacklevel=3)
+            F.warn_skipped(skipped, self.num_features, stacklevel=_caller_stacklevel())
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -219,7 +246,13 @@ class _BatchNorm:
                         "num_batches_tracked: expected a 0-d integer array, got shape "
                         f"{value.shape}"
                     )
-                values[name] = int(value.reshape(()))
+                count = int(value.reshape(()))
+                if not 0 <= count <= _INT64_MAX:  # state_dict saves it as an int64
+                    raise ValueError(
+                        "num_batches_tracked: expected a non-negative count an int64 can hold "
+                        f"(0 to {_INT64_MAX}), got {count}"
+                    )
+                values[name] = count
                 continue
             if value.shape != (self.num_features,):
                 raise ValueError(
@@ -227,7 +260,8 @@ class _BatchNorm:
                 )
             if value.dtype != self.dtype:
                 raise TypeError(f"{name}: expected dtype {self.dtype}, got {value.dtype}")
-            values[name] = value
+            # a copy: the dict may hold the module's own arrays, which the loop below overwrites
+            values[name] = value.copy()
         for name, value in values.items():
             if name == "num_batches_tracked":
                 self.num_batches_tracked = value

@@ -3,6 +3,9 @@ PyTorch's). Bad arguments: test_validation_module.py; NaN/Inf input: test_nonfin
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import numpy as np
 import pytest
 import reference
@@ -222,6 +225,40 @@ def test_train_eval_return_self_and_set_mode():
     assert m.train(True) is m and m.training is True
     assert m.train(False) is m and m.training is False
     assert m.train(mode=True).training is True
+
+
+@pytest.mark.parametrize("call", ["__call__", "forward"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_nonfinite_warning_points_at_the_callers_line(call, momentum):
+    """The RuntimeWarning for a channel whose statistics are not finite names the line that
+    called the module (m(x) or m.forward(x)), not a line inside bnc."""
+    m = bnc.BatchNorm1d(2, momentum=momentum)
+    x = np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        m(x) if call == "__call__" else m.forward(x)
+    assert [w.category for w in caught] == [RuntimeWarning]
+    assert "1 of 2 channels are not finite" in str(caught[0].message)
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def test_nonfinite_warning_from_a_subclass_points_at_its_caller():
+    """A subclass that overrides forward and calls the base class's: the warning names the
+    subclass's line, the first outside bnc."""
+
+    class Logged(bnc.BatchNorm1d):
+        def forward(self, x):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(x)  # the line the warning names
+
+    m = Logged(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m(np.array([[1.0, np.inf], [2.0, 3.0]], np.float32))
+    assert m.calls == 1 and len(caught) == 1
+    assert caught[0].filename == __file__
+    assert caught[0].lineno == Logged.forward.__code__.co_firstlineno + 2
 
 
 def test_backward_uses_last_forward():

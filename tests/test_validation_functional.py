@@ -6,6 +6,8 @@ test_validation_core.py."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from helpers import (
@@ -108,6 +110,49 @@ def test_eps_and_momentum_types():
         bnc.batch_norm_forward(np.ones((4, 3)), None, None, rm, rv, momentum=float("inf"))
     with unchanged(rm, rv), raises(TypeError, "momentum: expected a float, got NoneType"):
         bnc.batch_norm_forward(np.ones((4, 3)), None, None, rm, rv, momentum=None)
+
+
+BEYOND_FLOAT = [
+    (10**400, "an int beyond the float range (about 1e+400)"),
+    (-(10**400), "an int beyond the float range (about -1e+400)"),
+    (10**5000, "an int beyond the float range (about 1e+5000)"),  # too long for str()
+    (Fraction(3 * 10**400, 7), "a Fraction beyond the float range (about 4e+399)"),
+]
+
+
+@pytest.mark.parametrize("value,shown", BEYOND_FLOAT, ids=["1e400", "-1e400", "1e5000", "Fraction"])
+def test_eps_and_momentum_beyond_the_float_range(value, shown):
+    """float(10**400) raises OverflowError: such a value is as out of range as inf, a ValueError
+    that shows it without its hundreds of digits."""
+    eps_message = f"eps must be positive and finite, got {shown}"
+    momentum_message = f"momentum: expected a finite float, got {shown}"
+    for cls in (bnc.BatchNorm1d, bnc.BatchNorm2d, bnc.BatchNorm3d):
+        with raises(ValueError, eps_message):
+            cls(3, eps=value)
+        with raises(ValueError, momentum_message):
+            cls(3, momentum=value)
+    x = np.ones((4, 3), np.float32)
+    rm, rv, out = np.zeros(3, np.float32), np.ones(3, np.float32), np.zeros((4, 3), np.float32)
+    for training in (True, False):
+        with unchanged(x, rm, rv, out), raises(ValueError, eps_message):
+            bnc.batch_norm_forward(x, None, None, rm, rv, training=training, eps=value, out=out)
+        with unchanged(x, rm, rv, out), raises(ValueError, momentum_message):
+            bnc.batch_norm_forward(x, None, None, rm, rv, training=training, momentum=value,
+                                   out=out)
+    # a module whose attributes were set to such a value is refused the same way
+    for attr, message in (("eps", eps_message), ("momentum", momentum_message)):
+        m = trained(bnc.BatchNorm1d)
+        setattr(m, attr, value)
+        with module_unchanged(m), raises(ValueError, message):
+            m(x)
+
+
+def test_eps_and_momentum_large_but_finite_are_accepted():
+    """Numbers that float() holds stay accepted, whatever their type."""
+    x = np.arange(12, dtype=np.float64).reshape(4, 3)
+    for value in (10**300, Fraction(10**300, 3), np.longdouble(1e300)):
+        bnc.batch_norm_forward(x, eps=value)
+        bnc.batch_norm_forward(x, None, None, np.zeros(3), np.ones(3), momentum=value)
 
 
 @pytest.mark.parametrize("axis", [2, -3, 5])
@@ -398,14 +443,14 @@ def test_functional_forward_rejects_malformed_arguments(dtype):
                 failures.append(rejects(call(running_mean=good["weight"]),
                                         "running_mean is weight"))
             for eps in (float("nan"), float("inf"), -1.0, 0.0, -0.0, "1e-5", None, 1e-5j, True,
-                        np.array([1e-5])):
+                        np.array([1e-5]), 10**400, -(10**400), Fraction(10**400)):
                 failures.append(rejects(call(eps=eps), f"training={training} eps={eps!r}"))
             for axis in (3, -4, 2 ** 63, -(2 ** 63), 2 ** 70, 1.0, "1", None, True,
                          np.float64(1.0), np.array([1])):
                 failures.append(rejects(call(axis=axis), f"training={training} axis={axis!r}"))
             if training:
                 for momentum in (float("nan"), float("inf"), -float("inf"), "0.1", None, True,
-                                 0.1j):
+                                 0.1j, 10**400, -(10**400), Fraction(10**400)):
                     failures.append(rejects(call(momentum=momentum),
                                             f"momentum={momentum!r}"))
             assert untouched(owned, before), "a rejected call modified x, running stats or out"

@@ -268,6 +268,119 @@ def test_load_state_dict_is_all_or_nothing():
         m.load_state_dict(state)
 
 
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(
+    "value,shown",
+    [
+        (np.uint64(2**64 - 1), "18446744073709551615"),
+        (np.array(2**63, np.uint64), "9223372036854775808"),
+        (2**63, "9223372036854775808"),
+        (np.array([2**64 - 1], np.uint64), "18446744073709551615"),
+        (np.int64(-1), "-1"),
+        (np.array(-(2**63)), "-9223372036854775808"),
+        (-1, "-1"),
+        (np.array(-3, np.int8), "-3"),
+    ],
+    ids=["uint64-max", "uint64-2^63", "int-2^63", "uint64-max-1d", "int64-minus1", "int64-min",
+         "int-minus1", "int8-minus3"],
+)
+def test_load_state_dict_refuses_counts_an_int64_cannot_hold(value, shown, strict):
+    """A count beyond int64 could never be saved again (state_dict gives int64); a negative one
+    makes the next momentum=None forward divide by zero. Refused, with the whole module as it
+    was: the valid arrays in the same dict are not loaded either."""
+    m = trained(bnc.BatchNorm2d, momentum=None)
+    state = _good_state(m)
+    state["num_batches_tracked"] = value
+    with module_unchanged(m), raises(
+        ValueError,
+        f"num_batches_tracked: expected a non-negative count an int64 can hold (0 to "
+        f"{INT64_MAX}), got {shown}",
+    ):
+        m.load_state_dict(state, strict=strict)
+    m(np.ones((2, 3, 2, 2), np.float32) + np.arange(2, dtype=np.float32)[:, None, None, None])
+    assert m.num_batches_tracked == 2
+
+
+@pytest.mark.parametrize("value", [0, np.uint64(INT64_MAX), np.array(INT64_MAX, np.int64),
+                                   np.array([5], np.uint8)])
+def test_load_state_dict_counts_at_the_limits(value):
+    m = trained(bnc.BatchNorm2d)
+    state = _good_state(m)
+    state["num_batches_tracked"] = value
+    m.load_state_dict(state)
+    count = np.asarray(value).item()
+    assert type(m.num_batches_tracked) is int and m.num_batches_tracked == count
+    saved = m.state_dict()["num_batches_tracked"]
+    assert saved.dtype == np.int64 and saved.shape == () and saved == count
+
+
+@pytest.mark.parametrize("count", [INT64_MAX, -1])
+def test_training_step_refuses_a_count_it_cannot_advance(count):
+    """A count of the int64 maximum loads (state_dict can save it), but a training step would
+    take it past what state_dict saves; a negative count (set as an attribute) would divide by
+    zero with momentum=None. Refused before anything is written; eval still runs."""
+    for momentum in (0.1, None):
+        m = trained(bnc.BatchNorm1d, momentum=momentum)
+        if count >= 0:
+            state = m.state_dict()
+            state["num_batches_tracked"] = np.array(count, np.int64)
+            m.load_state_dict(state)
+        else:
+            m.num_batches_tracked = count
+        x = np.arange(12, dtype=np.float32).reshape(4, 3)
+        with module_unchanged(m), raises(
+            ValueError,
+            f"num_batches_tracked: expected a non-negative count below {INT64_MAX} before a "
+            f"training step, got {count}",
+        ):
+            m(x)
+        m.eval()(x)
+        assert m.num_batches_tracked == count
+
+
+def test_load_state_dict_reads_every_value_before_writing_any():
+    """A state dict may hold the module's own arrays (a swap, or one buffer loaded into another):
+    each key gets the value it had when the call began, not one already overwritten."""
+    m = trained(bnc.BatchNorm1d)
+    weight, bias = m.weight.copy(), m.bias.copy()
+    rm, rv = m.running_mean.copy(), m.running_var.copy()
+    state = {"weight": m.bias, "bias": m.weight, "running_mean": m.running_var,
+             "running_var": m.running_mean[::-1], "num_batches_tracked": 4}
+    m.load_state_dict(state)
+    np.testing.assert_array_equal(m.weight, bias)
+    np.testing.assert_array_equal(m.bias, weight)
+    np.testing.assert_array_equal(m.running_mean, rv)
+    np.testing.assert_array_equal(m.running_var, rm[::-1])
+
+
+# -- train(mode) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["False", "True", "", 0, 1, None, 1.0, np.array(True),
+                                  np.array([False]), np.int64(0)],
+                         ids=lambda v: f"{type(v).__name__}-{v!r}")
+@pytest.mark.parametrize("training", [True, False])
+def test_train_refuses_non_bool_modes(mode, training):
+    """train("False") would set training mode (a non-empty string is true): a mode that is not a
+    bool is refused, and the module keeps its mode."""
+    m = trained(bnc.BatchNorm2d).train(training)
+    with module_unchanged(m), raises(
+        TypeError, f"train: training mode is expected to be boolean, got {type(mode).__name__}"
+    ):
+        m.train(mode)
+    assert m.training is training
+
+
+def test_train_accepts_numpy_bools():
+    m = bnc.BatchNorm1d(3)
+    assert m.train(np.False_) is m and m.training is False
+    assert m.train(np.bool_(True)).training is True
+    assert type(m.training) is bool
+
+
 # -- every malformed input and corrupted attribute -------------------------------------------------
 
 
@@ -291,12 +404,13 @@ def test_module_rejects_malformed_input_and_state():
                 ("weight", np.ones(3, F64)), ("weight", [1.0, 1.0, 1.0]), ("bias", np.ones(4, F32)),
                 ("bias", np.ones(3, np.complex64)), ("running_mean", np.ones(3, object)),
                 ("running_var", np.ones(3, np.int32)), ("eps", float("nan")), ("eps", -1.0),
-                ("eps", "x"), ("axis", 7), ("axis", "1"), ("axis", 1.0),
+                ("eps", "x"), ("eps", 10**400), ("axis", 7), ("axis", "1"), ("axis", 1.0),
             ]
             if training:
                 ro = np.zeros(3, F32)
                 ro.flags.writeable = False
                 corruptions += [("momentum", float("nan")), ("momentum", "0.1"),
+                                ("momentum", 10**400), ("momentum", -(10**400)),
                                 ("running_mean", ro), ("running_var", np.ones(6, F32)[::2])]
             else:
                 corruptions += [("running_var", None)]
