@@ -165,3 +165,18 @@ def test_core_counts_non_finite_channels():
     np.testing.assert_array_equal(rv[1:], [1.0, 1.0])
     with pytest.warns(RuntimeWarning, match="2 of 3 channels are not finite"):
         bnc.batch_norm_forward(x, running_mean=rm, running_var=rv)
+
+
+def test_warning_as_error_comes_after_the_writes_as_documented():
+    """README: under warnings-as-errors the non-finite warning arrives after out= and the finite
+    channels' running statistics were written (y is then read from out=)."""
+    x = np.random.default_rng(5).standard_normal((8, 2)).astype(np.float32)
+    x[3, 1] = np.nan
+    out = np.zeros_like(x)
+    rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="1 of 2 channels"):
+            bnc.batch_norm_forward(x, None, None, rm, rv, out=out)
+    assert np.isfinite(out[:, 0]).all() and np.isnan(out[:, 1]).all()
+    assert rm[0] != 0.0 and rm[1] == 0.0 and rv[1] == 1.0
