@@ -15,6 +15,8 @@ checks are in test_reproducibility.py).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import reference
@@ -411,3 +413,42 @@ def test_backward_at_extreme_spreads(dtype, spread):
     tol = 1e-10 if dtype == np.float64 else 2e-5
     scaled = dxs.astype(np.float64) * spread
     np.testing.assert_allclose(scaled, dx1, rtol=tol, atol=tol * np.abs(dx1).max())
+
+
+def test_float32_near_the_top_of_the_range():
+    """x - mean overflowed: the last value came out -inf (true value -sqrt(3))."""
+    x = np.array([[3e38], [3e38], [3e38], [-3e38]], np.float32)
+    y, mean, invstd = bnc.batch_norm_forward(x)
+    np.testing.assert_allclose(y.ravel(), [1 / np.sqrt(3)] * 3 + [-np.sqrt(3)], rtol=1e-6)
+    dy = np.array([[1.0], [0.0], [0.0], [0.0]], np.float32)
+    dx, _, _ = bnc.batch_norm_backward(dy, x, mean, invstd)
+    assert np.isfinite(dx).all()
+    rdx, _, _ = reference.backward(dy, x, mean, invstd, None, training=True, axis=1)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-5, atol=1e-5 * np.abs(rdx).max())
+
+
+@pytest.mark.parametrize("scale", [1e153, 1e200, 1e300])
+def test_float64_beyond_the_range_of_squares(scale):
+    """Sums of squares overflowed from |x| ~ 1e152 (output 0, then NaN): such channels are summed
+    again scaled. y is the same as for the unscaled data; where even the variance is beyond the
+    float64 range, its running statistics are skipped with the non-finite warning."""
+    base = np.random.default_rng(12).standard_normal((4096, 2)) + np.array([0.3, -1.0])
+    y1, m1, _ = bnc.batch_norm_forward(base, eps=1e-300)
+    rm, rv = np.zeros(2), np.ones(2)
+    representable = scale * scale * 4 < 1.7e308
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if not representable else "error")
+        ys, ms, _ = bnc.batch_norm_forward(base * scale, None, None, rm, rv, eps=1e-300)
+    assert np.isfinite(ys).all()
+    np.testing.assert_allclose(ys, y1, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ms / scale, m1, rtol=1e-12)
+    if not representable:
+        assert (rm == 0).all() and (rv == 1).all()
+
+
+def test_float64_at_the_largest_values():
+    x = np.array([[1.5e308], [1.5e308], [1.5e308], [-1.5e308]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the variance itself is beyond float64
+        y, _, _ = bnc.batch_norm_forward(x)
+    np.testing.assert_allclose(y.ravel(), [1 / np.sqrt(3)] * 3 + [-np.sqrt(3)], rtol=1e-12)

@@ -17,19 +17,23 @@ template <class T>
 void choose_pivots(const T* x, const Geometry& g, double* shifts) {
   using C = Compute<T>;
   const int64_t samples = min64(kPivotSamples, g.per_channel());
+  // Samples are summed divided by 8 (exact: a power of two), so that the sum of 8 values near
+  // the top of the float64 range does not overflow; the pivot's bits are those of the plain sum.
+  constexpr double kEighth = 0.125;
   for (int64_t c = 0; c < g.channels; ++c) shifts[c] = 0.0;
   // Sample k of every channel is element (k / inner, k % inner) of it: read row by row.
   for (int64_t k = 0; k < samples; ++k) {
     const T* sample = x + (k / g.inner) * g.channels * g.inner + k % g.inner;
     if (g.inner == 1) {  // a row: contiguous, so the loop vectorizes
-      for (int64_t c = 0; c < g.channels; ++c) shifts[c] += static_cast<double>(sample[c]);
+      for (int64_t c = 0; c < g.channels; ++c)
+        shifts[c] += static_cast<double>(sample[c]) * kEighth;
     } else {
       for (int64_t c = 0; c < g.channels; ++c)
-        shifts[c] += static_cast<double>(sample[c * g.inner]);
+        shifts[c] += static_cast<double>(sample[c * g.inner]) * kEighth;
     }
   }
   for (int64_t c = 0; c < g.channels; ++c)
-    shifts[c] = samples ? static_cast<double>(static_cast<C>(shifts[c] / samples)) : 0.0;
+    shifts[c] = samples ? static_cast<double>(static_cast<C>(shifts[c] / samples / kEighth)) : 0.0;
 }
 
 // Channel c summed in double, element by element in memory order: for channels whose float
@@ -46,10 +50,31 @@ void channel_sums_in_double(const Terms& terms, const Geometry& g, int64_t c, do
   sum_b = b;
 }
 
+// Channel c summed with every term scaled by kOverflowScale (a power of two: exact), for float64
+// data whose squares or differences overflow: sums of d * s and (d * s)^2, d = x - shift.
+template <class T>
+void channel_sums_scaled(const T* x, const Geometry& g, int64_t c, double shift, double& sum_a,
+                         double& sum_b) {
+  const double s = kOverflowScale;
+  double a = 0.0, b = 0.0;
+  for (int64_t o = 0; o < g.outer; ++o) {
+    const T* segment = x + (o * g.channels + c) * g.inner;
+    for (int64_t i = 0; i < g.inner; ++i) {
+      const double d = static_cast<double>(segment[i]) * s - shift * s;
+      a += d;
+      b += d * d;
+    }
+  }
+  sum_a = a;
+  sum_b = b;
+}
+
 // Pivoted sums of channels [c0, c1) -> mean[c] and (biased) var[c]. Returns false, unless `last`,
 // when some channel's pivot lies more than kRepivotStds standard deviations from its mean
 // (Q/n - (S/n)^2 would cancel digits): its shift is moved to the mean and the caller sums the
-// channel again.
+// channel again. A channel whose sums overflowed (float64 data beyond ~1e152) is summed again
+// scaled: var[c] is then its variance where representable (else inf, and its running statistics
+// are skipped), and scaled_var[c] the variance times kOverflowScale^2 (NaN for other channels).
 template <class T>
 struct MomentsFinalize {
   const Plan& p;
@@ -57,6 +82,7 @@ struct MomentsFinalize {
   double* shifts;
   double* mean;
   double* var;
+  double* scaled_var;
   bool operator()(int64_t c0, int64_t c1, const double* sums_d, const double* sums_dd,
                   bool last) const {
     using C = Compute<T>;
@@ -67,21 +93,45 @@ struct MomentsFinalize {
       if (kFloatPartials<MomentTerms<T>> && p.row_family && sum_dd < kTinySquares * n &&
           !(sum_dd == 0.0 && sum_d == 0.0))
         channel_sums_in_double(terms, p.g, c, shifts[c], sum_d, sum_dd);
+      double scale = 1.0;  // of the sums
+      if (sizeof(C) == 8 && !(is_finite(sum_d) && is_finite(sum_dd))) {
+        double a, b;
+        channel_sums_scaled(terms.x, p.g, c, shifts[c], a, b);
+        if (is_finite(a) && is_finite(b)) {  // else the data hold a NaN or an infinity
+          sum_d = a;
+          sum_dd = b;
+          scale = kOverflowScale;
+        }
+      }
       const double mean_offset = sum_d / n;
       double v = sum_dd / n - mean_offset * mean_offset;
       if (!last && mean_offset * mean_offset > kRepivotStds * kRepivotStds * v) {
         // A number of the compute type, so float partial sums stay exact in their shift.
-        shifts[c] = static_cast<double>(static_cast<C>(shifts[c] + mean_offset));
+        shifts[c] = static_cast<double>(static_cast<C>(shifts[c] + mean_offset / scale));
         final_sums = false;
         continue;
       }
       if (v < 0.0) v = 0.0;  // rounding only; NaN passes through
-      mean[c] = shifts[c] + mean_offset;
-      var[c] = v;
+      mean[c] = shifts[c] + mean_offset / scale;
+      var[c] = v / scale / scale;  // scale * scale would underflow
+      scaled_var[c] = scale == 1.0 ? __builtin_nan("") : v;
     }
     return final_sums;
   }
 };
+
+// 1 / sqrt(var + eps) of channels [c0, c1); for a channel summed scaled, from its scaled variance
+// (its variance may not be representable when its normalized values are).
+inline void inverse_stds(int64_t c0, int64_t c1, const double* var, const double* scaled_var,
+                         double eps, double* invstd) {
+  // Square roots and divisions, the slowest instructions here, in a loop of their own: it
+  // vectorizes.
+  for (int64_t c = c0; c < c1; ++c) invstd[c] = 1.0 / __builtin_sqrt(var[c] + eps);
+  for (int64_t c = c0; c < c1; ++c)
+    if (scaled_var[c] == scaled_var[c])  // not NaN: summed scaled
+      invstd[c] = kOverflowScale /
+                  __builtin_sqrt(scaled_var[c] + eps * kOverflowScale * kOverflowScale);
+}
 
 // The backward map's coefficients for channel c (GradTrainMap): a = invstd * weight,
 // g = invstd * sum_dy_xmu / n, k = sum_dy / n. The map subtracts mean_c, the mean rounded to the
@@ -95,11 +145,13 @@ inline void set_grad_train(C* const* k, int64_t c, double mean, double invstd, d
   double shift = sum_dy / n;
   if (static_cast<double>(mean_c) != mean)
     shift += (static_cast<double>(mean_c) - mean) * invstd * g;
+  const C half = overflow_half(mean_c);
   k[0][c] = static_cast<C>(invstd * weight);
-  k[1][c] = mean_c;
-  k[2][c] = static_cast<C>(invstd);
+  k[1][c] = mean_c * half;
+  k[2][c] = static_cast<C>(invstd / static_cast<double>(half));
   k[3][c] = static_cast<C>(g);
   k[4][c] = static_cast<C>(shift);
+  k[5][c] = half;
 }
 
 }  // namespace

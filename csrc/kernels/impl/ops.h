@@ -19,20 +19,19 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
   ApplyState<T, NormalizeMap<T>::kCoefs> st;
-  if (!st.allocate(p, threads, 3)) return -1;
+  if (!st.allocate(p, threads, 4)) return -1;
   double* mean = st.ws.template take<double>(g.channels);
   double* var = st.ws.template take<double>(g.channels);
+  double* scaled_var = st.ws.template take<double>(g.channels);
   double* invstd = st.ws.template take<double>(g.channels);
   choose_pivots(x, g, st.shifts);
   const MomentTerms<T> terms{x};
-  const MomentsFinalize<T> moments{p, terms, st.shifts, mean, var};
+  const MomentsFinalize<T> moments{p, terms, st.shifts, mean, var, scaled_var};
   C* const* coefs = st.coefs;
   auto finalize = [&](int64_t c0, int64_t c1, const double* sums_d, const double* sums_dd,
                       bool last) {
     if (!moments(c0, c1, sums_d, sums_dd, last)) return false;
-    // Square roots and divisions, the slowest instructions here, in a loop of their own: it
-    // vectorizes.
-    for (int64_t c = c0; c < c1; ++c) invstd[c] = 1.0 / __builtin_sqrt(var[c] + eps);
+    inverse_stds(c0, c1, var, scaled_var, eps, invstd);
     for (int64_t c = c0; c < c1; ++c) {
       save_mean[c] = static_cast<P>(mean[c]);
       save_invstd[c] = static_cast<P>(invstd[c]);
@@ -68,11 +67,12 @@ int64_t stats(const T* x, Geometry g, double* mean, double* m2, int num_threads)
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
   ApplyState<T, NoMap::kCoefs> st;
-  if (!st.allocate(p, threads, 1)) return -1;
+  if (!st.allocate(p, threads, 2)) return -1;
   double* var = st.ws.template take<double>(g.channels);
+  double* scaled_var = st.ws.template take<double>(g.channels);
   choose_pivots(x, g, st.shifts);
   const MomentTerms<T> terms{x};
-  const MomentsFinalize<T> finalize{p, terms, st.shifts, mean, var};
+  const MomentsFinalize<T> finalize{p, terms, st.shifts, mean, var, scaled_var};
   run_schedule(p, terms, finalize, NoMap{}, st, threads);
   const double n = static_cast<double>(g.per_channel());
   for (int64_t c = 0; c < g.channels; ++c) m2[c] = n * var[c];
@@ -178,7 +178,7 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
       const double w = weight ? static_cast<double>(weight[c]) : 1.0;
       grad_bias[c] = static_cast<P>(sum_dy);
       grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
-      if constexpr (Map::kCoefs == 5)
+      if constexpr (Map::kCoefs == 6)
         set_grad_train(coefs, c, st.shifts[c], invstd, w, sum_dy, sum_dy_xmu, n);
       else
         coefs[0][c] = static_cast<C>(invstd * w);

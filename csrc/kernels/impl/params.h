@@ -47,6 +47,9 @@ constexpr double kTinySquares = 0x1p-100;
 constexpr double kRepivotStds = 4.0;
 // The pivot is the mean of a channel's first kPivotSamples elements.
 constexpr int64_t kPivotSamples = 8;
+// float64 channels whose sums overflow (|x| beyond ~1e152) are summed again with every term
+// scaled by this power of two.
+constexpr double kOverflowScale = 0x1p-600;
 // Inference uses y = alpha * x + beta while |mean| * invstd <= this for every channel, else the
 // split-mean form.
 constexpr double kAffineMaxMeanOverStd = 4.0;
