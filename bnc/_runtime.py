@@ -26,9 +26,17 @@ MAX_THREADS: int = _core.MAX_THREADS
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the number of threads the kernels use (default: ``OMP_NUM_THREADS`` or all cores).
+    """Sets the number of threads the kernels use (default: ``OMP_NUM_THREADS`` or all cores;
+    1 in a child made by ``fork``).
 
     Results are bitwise identical for any thread count. Calls in flight are not affected.
+
+    Warning:
+        In a child made by ``fork`` (``os.fork()``, a ``multiprocessing`` pool with the fork start
+        method), ``n > 1`` hangs the child's next multi-threaded call forever if the thread that
+        forked had run a multi-threaded call (or any OpenMP parallel region of the same libgomp)
+        before the fork: libgomp's thread pool does not survive fork. Leave such a child on its
+        one thread, or start workers with the ``spawn`` or ``forkserver`` method.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
@@ -38,7 +46,7 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """The number of threads the kernels use."""
+    """The number of threads the kernels use (1 in a forked child until it sets a count)."""
     return int(_core.get_num_threads())
 
 

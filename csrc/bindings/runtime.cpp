@@ -5,6 +5,7 @@
 
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "bindings/buffers.h"
@@ -40,6 +41,10 @@ void copy(py::handle src, py::handle dst) {
 }  // namespace
 
 void bind_runtime(py::module_& m) {
+  // At import, so that a child forked at any later time (also after other libraries used the
+  // same libgomp) starts on one thread.
+  if (const int error = bnc::install_fork_handler())
+    throw std::runtime_error("bnc: pthread_atfork failed (error " + std::to_string(error) + ")");
   m.def("copy", &copy, py::arg("src"), py::arg("dst"),
         "Multi-threaded copy (the benchmark's memory-bandwidth yardstick).");
   m.def("stream_threshold_bytes", &bnc::stream_threshold_bytes,

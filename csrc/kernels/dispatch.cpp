@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdio>
 
+#include <pthread.h>
 #include <unistd.h>
 
 #if BNC_HAVE_OPENMP
@@ -17,6 +18,8 @@ namespace {
 
 std::atomic<const KernelTable*> g_active{nullptr};
 std::atomic<int> g_num_threads{0};  // 0: not set, use OpenMP's default
+// The fork child handler may only do what is async-signal-safe: a lock-free store.
+static_assert(std::atomic<int>::is_always_lock_free, "g_num_threads must be lock-free");
 std::atomic<int64_t> g_stream_threshold{-1};  // -1: not yet read from the cache size
 
 // The L3 cache size this CPU's cores see: sysfs first (what the kernel reports for this core; in
@@ -62,6 +65,10 @@ const KernelTable* table_for(const std::string& isa) {
 
 const char* const kKnownIsas[] = {"baseline", "avx2", "avx512"};
 
+// Runs in the child, on the forking thread, right after fork: one thread (run_team then opens no
+// parallel region, so libgomp's pool, whose threads stayed in the parent, is never waited on).
+void on_fork_child() { g_num_threads.store(1, std::memory_order_relaxed); }
+
 }  // namespace
 
 std::vector<std::string> available_isas() {
@@ -103,6 +110,11 @@ int get_num_threads() {
 }
 
 void set_num_threads(int n) { g_num_threads = n; }
+
+int install_fork_handler() {
+  static const int error = pthread_atfork(nullptr, nullptr, &on_fork_child);
+  return error;
+}
 
 int64_t stream_threshold_bytes() {
   int64_t t = g_stream_threshold.load(std::memory_order_relaxed);

@@ -19,7 +19,14 @@ const KernelTable& active_kernels();
 bool have_openmp();
 // Threads the kernels use: set_num_threads(n) if called with n >= 1, else OpenMP's default
 // (OMP_NUM_THREADS or the number of cores).
+// A forked child gets 1 until it calls set_num_threads itself (see install_fork_handler).
 int get_num_threads();
 void set_num_threads(int n);
+
+// Registers (once; later calls do nothing) the fork handler that makes a forked child's kernels
+// run on one thread: libgomp's thread pool does not survive fork, and a child that opens a
+// parallel region from a thread that led one before the fork waits forever. Returns
+// pthread_atfork's error code, 0 on success.
+int install_fork_handler();
 
 }  // namespace bnc
