@@ -45,6 +45,9 @@ void bind_runtime(py::module_& m) {
   // same libgomp) starts on one thread.
   if (const int error = bnc::install_fork_handler())
     throw std::runtime_error("bnc: pthread_atfork failed (error " + std::to_string(error) + ")");
+  // The cache sizes are read once, here: a function-local static being filled by another thread
+  // at the moment of a fork would leave the child waiting on its guard forever.
+  bnc::stream_threshold_bytes();
   m.def("copy", &copy, py::arg("src"), py::arg("dst"),
         "Multi-threaded copy (the benchmark's memory-bandwidth yardstick).");
   m.def("stream_threshold_bytes", &bnc::stream_threshold_bytes,
