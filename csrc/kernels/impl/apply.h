@@ -48,7 +48,7 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
   T* const out = map.out;
   const int64_t ahead = prefetch.ahead;
   const int64_t prefetch_end = prefetch.end;
-  auto aligned = [&](int64_t at) {
+  auto aligned = [&](int64_t at) BNC_INLINE {
     return !Stream || reinterpret_cast<uintptr_t>(out + at) % kAlign == 0;
   };
   if (!lanes.width) {
@@ -61,13 +61,13 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
     int64_t segment_end = (e / g.inner + 1) * g.inner;
     C ks[K];
     V kv[K];
-    auto set_channel = [&](int64_t channel) {
+    auto set_channel = [&](int64_t channel) BNC_INLINE {
       for (int k = 0; k < K; ++k) {
         ks[k] = coefs[k][channel];
         kv[k] = broadcast<V>(ks[k]);
       }
     };
-    auto advance = [&]() {
+    auto advance = [&]() BNC_INLINE {
       c = c + 1 == g.channels ? 0 : c + 1;
       segment_end += g.inner;
       set_channel(c);
@@ -78,14 +78,22 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
       out[e] = static_cast<T>(map.one(e, ks));
     }
     const V lane_index = iota<V, C>();
-    // Short segments: their whole vectors run in a loop of their own, on a copy of the
-    // coefficients that no lambda holds (the per-vector segment checks cost more than the data
-    // there). Longer ones keep one loop with the checks, which paces the prefetches of the
-    // pipelined schedule (apply_reducing_next) better. Same arithmetic either way.
-    const bool short_segments = g.inner < kShortSegmentElems;
-    while (e + W <= end) {
-      if (e == segment_end) advance();
-      if (short_segments) {
+    // A vector that crosses into the next segment: lanes below segment_end - e belong to
+    // channel c, the others to the next channel.
+    auto put_crossing = [&]() BNC_INLINE {
+      const auto in_this = lane_index < static_cast<C>(segment_end - e);
+      V mixed[K];
+      const int64_t next = c + 1 == g.channels ? 0 : c + 1;
+      for (int k = 0; k < K; ++k) mixed[k] = in_this ? kv[k] : broadcast<V>(coefs[k][next]);
+      put<Stream>(out + e, map.vec(e, mixed));
+      advance();
+    };
+    if (g.inner < kShortSegmentElems) {
+      // Short segments: their whole vectors run in a loop of their own, on a copy of the
+      // coefficients that no lambda holds (the per-vector segment checks cost more than the
+      // data there).
+      while (e + W <= end) {
+        if (e == segment_end) advance();
         const int64_t last = min64(segment_end, end) - W;
         V segment_kv[K];
         for (int k = 0; k < K; ++k) segment_kv[k] = kv[k];
@@ -95,22 +103,22 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
         }
         if (e + W > end) break;
         if (e == segment_end) continue;
-      }
-      if (e < prefetch_end) map.prefetch(e + ahead, W);
-      if (e + W <= segment_end) {
-        put<Stream>(out + e, map.vec(e, kv));
+        if (e < prefetch_end) map.prefetch(e + ahead, W);
+        put_crossing();
         e += W;
-        continue;
       }
-      // A vector that crosses into the next segment: lanes below segment_end - e belong to
-      // channel c, the others to the next channel.
-      const auto in_this = lane_index < static_cast<C>(segment_end - e);
-      V mixed[K];
-      const int64_t next = c + 1 == g.channels ? 0 : c + 1;
-      for (int k = 0; k < K; ++k) mixed[k] = in_this ? kv[k] : broadcast<V>(coefs[k][next]);
-      put<Stream>(out + e, map.vec(e, mixed));
-      advance();
-      e += W;
+    } else {
+      // Longer segments: one loop with the checks, which paces the prefetches of the pipelined
+      // schedule (apply_reducing_next) better (docs/tuning.md, kShortSegmentElems).
+      for (; e + W <= end; e += W) {
+        if (e < prefetch_end) map.prefetch(e + ahead, W);
+        if (e == segment_end) advance();
+        if (e + W <= segment_end) {
+          put<Stream>(out + e, map.vec(e, kv));
+          continue;
+        }
+        put_crossing();
+      }
     }
     for (; e < end; ++e) {
       if (e == segment_end) advance();
@@ -122,7 +130,7 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
   for (int k = 0; k < K; ++k) lane_coef[k] = lanes.lanes[k];
   const int64_t width = lanes.width;
   int64_t j = e % width;  // lane of element e
-  auto one = [&]() {
+  auto one = [&]() BNC_INLINE {
     C ks[K];
     for (int k = 0; k < K; ++k) ks[k] = lane_coef[k][j];
     out[e] = static_cast<T>(map.one(e, ks));

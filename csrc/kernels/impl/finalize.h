@@ -133,25 +133,67 @@ inline void inverse_stds(int64_t c0, int64_t c1, const double* var, const double
                   __builtin_sqrt(scaled_var[c] + eps * kOverflowScale * kOverflowScale);
 }
 
-// The backward map's coefficients for channel c (GradTrainMap): a = invstd * weight,
-// g = invstd * sum_dy_xmu / n, k = sum_dy / n. The map subtracts mean_c, the mean rounded to the
-// compute type; a mean that is not such a number (float64 statistics of float32 data) moves its
-// remainder into k.
+// Whether GradTrainMap's b = -a * invstd^2 * sum_dy_xmu / n (a = weight * invstd) stays in range
+// for every channel: its double intermediate a * invstd^2 = weight * invstd^3 and, in the compute
+// type, b ~ weight * invstd^2 * |dy| must stay 2^24 above the smallest normal number (unless dy
+// itself is that small); else the tensor takes GradTrainWideMap. Decided from the statistics and
+// weights alone, so that the fused backward and backward_elemt agree.
+template <class C, class S, class W>
+bool grad_train_in_range(const S* invstd, const W* weight, int64_t channels) {
+  constexpr double kComputeLimit = sizeof(C) == 4 ? 0x1p-102 : 0x1p-969;
+  constexpr double kDoubleLimit = 0x1p-969;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double i = static_cast<double>(invstd[c]);
+    const double w = weight ? static_cast<double>(weight[c]) : 1.0;
+    const double wi2 = __builtin_fabs(w * i * i);
+    if (w != 0.0 && (wi2 < kComputeLimit || wi2 * i < kDoubleLimit)) return false;
+  }
+  return true;
+}
+
+// The backward maps' coefficients for channel c. The maps subtract mean_c, the mean rounded to
+// the compute type; a mean that is not such a number (float64 statistics of float32 data) moves
+// its remainder into the constant term.
 template <class C>
 inline void set_grad_train(C* const* k, int64_t c, double mean, double invstd, double weight,
                            double sum_dy, double sum_dy_xmu, double n) {
+  const double a = invstd * weight;
   const C mean_c = static_cast<C>(mean);
+  const double b = -a * invstd * invstd * sum_dy_xmu / n;
+  double shift = -a * sum_dy / n;
+  if (static_cast<double>(mean_c) != mean) shift += b * (static_cast<double>(mean_c) - mean);
+  k[0][c] = static_cast<C>(a);
+  k[1][c] = mean_c;
+  k[2][c] = static_cast<C>(b);
+  k[3][c] = static_cast<C>(shift);
+}
+
+template <class C>
+inline void set_grad_train_wide(C* const* k, int64_t c, double mean, double invstd,
+                                double weight, double sum_dy, double sum_dy_xmu, double n) {
+  C mean_c = static_cast<C>(mean);
   const double g = invstd * sum_dy_xmu / n;
   double shift = sum_dy / n;
+  // Near the top of the range x - mean could overflow (mean_within_range): the map then
+  // subtracts nothing, and mean * invstd * g moves into k.
+  if (!mean_within_range(mean_c)) mean_c = C(0);
   if (static_cast<double>(mean_c) != mean)
     shift += (static_cast<double>(mean_c) - mean) * invstd * g;
-  const C half = overflow_half(mean_c);
   k[0][c] = static_cast<C>(invstd * weight);
-  k[1][c] = mean_c * half;
-  k[2][c] = static_cast<C>(invstd / static_cast<double>(half));
+  k[1][c] = mean_c;
+  k[2][c] = static_cast<C>(invstd);
   k[3][c] = static_cast<C>(g);
   k[4][c] = static_cast<C>(shift);
-  k[5][c] = half;
+}
+
+// Channel c's coefficients of `Map`, one of the two above.
+template <class Map, class C>
+inline void set_grad_coefs(C* const* k, int64_t c, double mean, double invstd, double weight,
+                           double sum_dy, double sum_dy_xmu, double n) {
+  if constexpr (Map::kCoefs == 5)
+    set_grad_train_wide(k, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n);
+  else
+    set_grad_train(k, c, mean, invstd, weight, sum_dy, sum_dy_xmu, n);
 }
 
 }  // namespace

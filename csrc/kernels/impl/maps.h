@@ -10,58 +10,57 @@ namespace BNC_ISA {
 namespace {
 
 // x - mean cannot overflow when |mean| stays below half an ulp of the largest finite number of
-// the compute type (the difference then rounds to at most that number): beyond, a channel's map
-// takes x * 0.5 - mean * 0.5 (exact: a power of two) and doubles its scale instead. Every
-// channel pays the multiplication by its `half` (1 almost always: x * 1 is x, bit for bit).
+// the compute type (the difference then rounds to at most that number). A channel beyond (data
+// near the top of the range) takes x * scale + (shift - mean * scale) instead: no difference to
+// overflow, at the cost of a few ulps of |mean| * scale, as in PyTorch's form.
 template <class C>
-inline C overflow_half(C mean) {
-  constexpr C kSafeMean = sizeof(C) == 4 ? static_cast<C>(0x1p102) : static_cast<C>(0x1p969);
-  return __builtin_fabs(static_cast<double>(mean)) < static_cast<double>(kSafeMean) ? C(1)
-                                                                                     : C(0.5);
+inline bool mean_within_range(C mean) {
+  constexpr double kSafeMean = sizeof(C) == 4 ? 0x1p102 : 0x1p969;
+  return __builtin_fabs(static_cast<double>(mean)) < kSafeMean;
 }
 
-// Forward: y = (x * half - mean_hi * half) * (scale / half) + shift_lo, with the mean split into
-// two numbers of the compute type (mean_hi + mean_lo = mean to twice their precision):
-// x - mean_hi is exact where it matters (x close to a large mean), and the low part is folded
-// into the shift in double. y = alpha * x + beta (PyTorch's form) loses digits there.
+// Forward: y = (x - mean_hi) * scale + shift_lo, with the mean split into two numbers of the
+// compute type (mean_hi + mean_lo = mean to twice their precision): x - mean_hi is exact where
+// it matters (x close to a large mean), and the low part is folded into the shift in double.
+// y = alpha * x + beta (PyTorch's form) loses digits there.
 template <class T>
 struct NormalizeMap {
   using C = Compute<T>;
-  static constexpr int kCoefs = 4;  // mean_hi * half, scale / half, shift_lo, half
+  static constexpr int kCoefs = 3;  // mean_hi, scale, shift_lo
   static constexpr bool kWrites = true;
   static constexpr int kInputs = 1;
   const T* x;
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
-    return (load_compute(x + off) * k[3] - k[0]) * k[1] + k[2];
+    return (load_compute(x + off) - k[0]) * k[1] + k[2];
   }
-  C one(int64_t off, const C* k) const {
-    return (static_cast<C>(x[off]) * k[3] - k[0]) * k[1] + k[2];
-  }
+  C one(int64_t off, const C* k) const { return (static_cast<C>(x[off]) - k[0]) * k[1] + k[2]; }
 };
 
 // Channel c's coefficients of NormalizeMap for y = (x - mean) * scale + shift.
 template <class C>
 inline void set_normalize(C* const* k, int64_t c, double mean, double scale, double shift) {
   const C mean_hi = static_cast<C>(mean);
-  const C half = overflow_half(mean_hi);
-  k[0][c] = mean_hi * half;
-  k[1][c] = static_cast<C>(scale / static_cast<double>(half));
+  if (!mean_within_range(mean_hi)) {
+    k[0][c] = C(0);
+    k[1][c] = static_cast<C>(scale);
+    k[2][c] = static_cast<C>(shift - mean * scale);
+    return;
+  }
+  k[0][c] = mean_hi;
+  k[1][c] = static_cast<C>(scale);
   k[2][c] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
-  k[3][c] = half;
 }
 
-// Backward, training: dx = a * ((dy - k) - ((x * half - mean * half) * (invstd / half)) * g),
-// with k = sum(dy) / n and g = invstd * sum(dy * (x - mean)) / n. Every intermediate is of the
-// order of dy or of the normalized x, whatever the data's scale: the expanded form
-// a * invstd^2 * ... left the range at spreads of 1e20 (float32) or 1e105 (float64). The mean is a
-// number of the compute type (float for float32 and float16 data), so x - mean is exact where it
-// matters; `half` as in NormalizeMap.
+// Backward, training: dx = a * dy + b * (x - mean) + k, with a = invstd * weight,
+// b = -a * invstd^2 * sum(dy * (x - mean)) / n and k = -a * sum(dy) / n. The mean is a number of
+// the compute type (float for float32 and float16 data), so x - mean is exact where it matters.
+// For tensors whose a * invstd stays well inside the range (grad_train_in_range).
 template <class T>
 struct GradTrainMap {
   using C = Compute<T>;
-  static constexpr int kCoefs = 6;  // a, mean * half, invstd / half, g, k, half
+  static constexpr int kCoefs = 4;  // a, mean, b, k
   static constexpr bool kWrites = true;
   static constexpr int kInputs = 2;
   const T* dy;
@@ -72,11 +71,36 @@ struct GradTrainMap {
     prefetch_piece(x + off, count);
   }
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
-    const Vec<T> normalized = (load_compute(x + off) * k[5] - k[1]) * k[2];
+    return k[0] * load_compute(dy + off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
+  }
+  C one(int64_t off, const C* k) const {
+    return k[0] * static_cast<C>(dy[off]) + k[2] * (static_cast<C>(x[off]) - k[1]) + k[3];
+  }
+};
+
+// Backward, training, for any scale: dx = a * ((dy - k) - ((x - mean) * invstd) * g), with
+// k = sum(dy) / n and g = invstd * sum(dy * (x - mean)) / n: every intermediate is of the order of
+// dy or of the normalized x, where b above leaves the range (spreads of 1e16 in float32, 1e146 in
+// float64). One more coefficient per element.
+template <class T>
+struct GradTrainWideMap {
+  using C = Compute<T>;
+  static constexpr int kCoefs = 5;  // a, mean, invstd, g, k
+  static constexpr bool kWrites = true;
+  static constexpr int kInputs = 2;
+  const T* dy;
+  const T* x;
+  T* out;
+  void prefetch(int64_t off, int64_t count) const {
+    prefetch_piece(dy + off, count);
+    prefetch_piece(x + off, count);
+  }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const {
+    const Vec<T> normalized = (load_compute(x + off) - k[1]) * k[2];
     return k[0] * ((load_compute(dy + off) - k[4]) - normalized * k[3]);
   }
   C one(int64_t off, const C* k) const {
-    const C normalized = (static_cast<C>(x[off]) * k[5] - k[1]) * k[2];
+    const C normalized = (static_cast<C>(x[off]) - k[1]) * k[2];
     return k[0] * ((static_cast<C>(dy[off]) - k[4]) - normalized * k[3]);
   }
 };

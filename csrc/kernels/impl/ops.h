@@ -178,8 +178,8 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
       const double w = weight ? static_cast<double>(weight[c]) : 1.0;
       grad_bias[c] = static_cast<P>(sum_dy);
       grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
-      if constexpr (Map::kCoefs == 6)
-        set_grad_train(coefs, c, st.shifts[c], invstd, w, sum_dy, sum_dy_xmu, n);
+      if constexpr (Map::kInputs == 2)
+        set_grad_coefs<Map>(coefs, c, st.shifts[c], invstd, w, sum_dy, sum_dy_xmu, n);
       else
         coefs[0][c] = static_cast<C>(invstd * w);
     }
@@ -193,23 +193,40 @@ template <class T, class P>
 int64_t backward(const T* dy, const T* x, T* dx, Geometry g, const P* save_mean,
                  const P* save_invstd, const P* weight, bool training, P* grad_weight,
                  P* grad_bias, int num_threads) {
-  if (training)
+  if (training && grad_train_in_range<Compute<T>>(save_invstd, weight, g.channels))
     return backward_with(GradTrainMap<T>{dy, x, dx}, dy, x, g, save_mean, save_invstd, weight,
                          grad_weight, grad_bias, num_threads);
+  if (training)
+    return backward_with(GradTrainWideMap<T>{dy, x, dx}, dy, x, g, save_mean, save_invstd,
+                         weight, grad_weight, grad_bias, num_threads);
   return backward_with(GradEvalMap<T>{dy, dx}, dy, x, g, save_mean, save_invstd, weight,
                        grad_weight, grad_bias, num_threads);
 }
 
 // Backward apply with given sums (over every part of a batch of `count` elements per channel).
+template <class Map, class T, class P>
+int64_t backward_elemt_with(const Map& map, Geometry g, const double* mean, const double* invstd,
+                            const P* weight, const double* sum_dy, const double* sum_dy_xmu,
+                            double count, int num_threads) {
+  using C = Compute<T>;
+  return apply_everywhere<T>(g, map, [&](int64_t c, C* const* k) {
+    set_grad_coefs<Map>(k, c, mean[c], invstd[c], weight ? static_cast<double>(weight[c]) : 1.0,
+                        sum_dy[c], sum_dy_xmu[c], count);
+  }, num_threads);
+}
+
 template <class T, class P>
 int64_t backward_elemt(const T* dy, const T* x, T* dx, Geometry g, const double* mean,
                        const double* invstd, const P* weight, const double* sum_dy,
                        const double* sum_dy_xmu, double count, int num_threads) {
-  using C = Compute<T>;
-  return apply_everywhere<T>(g, GradTrainMap<T>{dy, x, dx}, [&](int64_t c, C* const* k) {
-    set_grad_train(k, c, mean[c], invstd[c], weight ? static_cast<double>(weight[c]) : 1.0,
-                   sum_dy[c], sum_dy_xmu[c], count);
-  }, num_threads);
+  // The same choice of map as the fused backward's, so that both give the same bits.
+  if (grad_train_in_range<Compute<T>>(invstd, weight, g.channels))
+    return backward_elemt_with<GradTrainMap<T>, T>(GradTrainMap<T>{dy, x, dx}, g, mean, invstd,
+                                                   weight, sum_dy, sum_dy_xmu, count,
+                                                   num_threads);
+  return backward_elemt_with<GradTrainWideMap<T>, T>(GradTrainWideMap<T>{dy, x, dx}, g, mean,
+                                                     invstd, weight, sum_dy, sum_dy_xmu, count,
+                                                     num_threads);
 }
 
 }  // namespace

@@ -159,6 +159,10 @@ inline void prefetch_piece(const T* p, int64_t count) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
 }
 
+// For the lambdas of hot loops: inlined whatever the inliner's budget says (a call in a vector
+// loop spills every vector register and keeps captured arrays in memory).
+#define BNC_INLINE __attribute__((always_inline))
+
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
