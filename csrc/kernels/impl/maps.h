@@ -53,16 +53,9 @@ inline void set_normalize(C* const* k, int64_t c, double mean, double scale, dou
   k[2][c] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
 }
 
-// Backward, training: dx = a * dy + b * (x - mean) + k, with a = invstd * weight,
-// b = -a * invstd^2 * sum(dy * (x - mean)) / n and k = -a * sum(dy) / n. The mean is a number of
-// the compute type (float for float32 and float16 data), so x - mean is exact where it matters.
-// For tensors whose a * invstd stays well inside the range (grad_train_in_range).
+// The inputs of the training backward maps: dy and x, prefetched together.
 template <class T>
-struct GradTrainMap {
-  using C = Compute<T>;
-  static constexpr int kCoefs = 4;  // a, mean, b, k
-  static constexpr bool kWrites = true;
-  static constexpr int kInputs = 2;
+struct GradInputs {
   const T* dy;
   const T* x;
   T* out;
@@ -70,6 +63,20 @@ struct GradTrainMap {
     prefetch_piece(dy + off, count);
     prefetch_piece(x + off, count);
   }
+};
+
+// Backward, training: dx = a * dy + b * (x - mean) + k, with a = invstd * weight,
+// b = -a * invstd^2 * sum(dy * (x - mean)) / n and k = -a * sum(dy) / n. The mean is a number of
+// the compute type (float for float32 and float16 data), so x - mean is exact where it matters.
+// For tensors whose a * invstd stays well inside the range (grad_train_in_range).
+template <class T>
+struct GradTrainMap : GradInputs<T> {
+  using GradInputs<T>::dy;
+  using GradInputs<T>::x;
+  using C = Compute<T>;
+  static constexpr int kCoefs = 4;  // a, mean, b, k
+  static constexpr bool kWrites = true;
+  static constexpr int kInputs = 2;
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
     return k[0] * load_compute(dy + off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
   }
@@ -83,18 +90,13 @@ struct GradTrainMap {
 // dy or of the normalized x, where b above leaves the range (spreads of 1e16 in float32, 1e146 in
 // float64). One more coefficient per element.
 template <class T>
-struct GradTrainWideMap {
+struct GradTrainWideMap : GradInputs<T> {
+  using GradInputs<T>::dy;
+  using GradInputs<T>::x;
   using C = Compute<T>;
   static constexpr int kCoefs = 5;  // a, mean, invstd, g, k
   static constexpr bool kWrites = true;
   static constexpr int kInputs = 2;
-  const T* dy;
-  const T* x;
-  T* out;
-  void prefetch(int64_t off, int64_t count) const {
-    prefetch_piece(dy + off, count);
-    prefetch_piece(x + off, count);
-  }
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
     const Vec<T> normalized = (load_compute(x + off) - k[1]) * k[2];
     return k[0] * ((load_compute(dy + off) - k[4]) - normalized * k[3]);
