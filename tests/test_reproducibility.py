@@ -260,3 +260,25 @@ def test_isa_paths_are_bitwise_identical(tmp_path):
             keys = [k for k in results[base] if k.startswith(f"{i}-")]
             assert_bitwise({k: results[isa][k] for k in keys},
                            {k: results[base][k] for k in keys}, f"{isa} vs {base}, case {case}")
+
+
+@pytest.mark.parametrize("shape", [(4096, 256), (3000, 96), (64, 32, 7, 7), (37, 3)])
+def test_tiny_spread_float32_identical_for_any_thread_count(shape, restore_num_threads):
+    """Lanes of tiny spread are summed again in double per task: still the same bits for any
+    thread count, and a tiny channel does not change its neighbours' bits."""
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal(shape) * 1e-20).astype(np.float32)
+    x[:, 0] = rng.standard_normal(x[:, 0].shape).astype(np.float32)  # an ordinary channel
+    results = []
+    for threads in (1, 2, 3):
+        bnc.set_num_threads(threads)
+        results.append(bnc.batch_norm_forward(x, eps=1e-45))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b, equal_nan=True)
+    # The ordinary channel's bits do not depend on its neighbours being tiny.
+    ordinary = rng.standard_normal(shape).astype(np.float32)
+    ordinary[:, 0] = x[:, 0]
+    y, mean, invstd = bnc.batch_norm_forward(ordinary, eps=1e-45)
+    assert np.array_equal(mean[0], results[0][1][0])
+    assert np.array_equal(y[:, 0], results[0][0][:, 0])

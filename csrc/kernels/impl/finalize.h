@@ -36,20 +36,6 @@ void choose_pivots(const T* x, const Geometry& g, double* shifts) {
     shifts[c] = samples ? static_cast<double>(static_cast<C>(shifts[c] / samples / kEighth)) : 0.0;
 }
 
-// Channel c summed in double, element by element in memory order: for channels whose float
-// partial sums lost their squares below float's range (kTinySquares).
-template <class Terms>
-void channel_sums_in_double(const Terms& terms, const Geometry& g, int64_t c, double shift,
-                            double& sum_a, double& sum_b) {
-  double a = 0.0, b = 0.0;
-  for (int64_t o = 0; o < g.outer; ++o) {
-    const int64_t segment = (o * g.channels + c) * g.inner;
-    for (int64_t i = 0; i < g.inner; ++i) terms.one(segment + i, shift, a, b);
-  }
-  sum_a = a;
-  sum_b = b;
-}
-
 // Channel c summed with every term scaled by kOverflowScale (a power of two: exact), for float64
 // data whose squares or differences overflow: sums of d * s and (d * s)^2, d = x - shift.
 template <class T>
@@ -89,10 +75,9 @@ struct MomentsFinalize {
     const double n = static_cast<double>(p.g.per_channel());
     bool final_sums = true;
     for (int64_t c = c0; c < c1; ++c) {
+      // (Float partial sums whose squares underflowed were summed again in double already, per
+      // task: reduce_task.)
       double sum_d = sums_d[c - c0], sum_dd = sums_dd[c - c0];
-      if (kFloatPartials<MomentTerms<T>> && p.row_family && sum_dd < kTinySquares * n &&
-          !(sum_dd == 0.0 && sum_d == 0.0))
-        channel_sums_in_double(terms, p.g, c, shifts[c], sum_d, sum_dd);
       double scale = 1.0;  // of the sums
       if (sizeof(C) == 8 && !(is_finite(sum_d) && is_finite(sum_dd))) {
         double a, b;

@@ -166,11 +166,12 @@ inline void add_block_d(const Terms& terms, const RowPiece& q, int64_t r, int64_
 }
 
 // Rows [o0, o1) in the blocked order.
-template <class Terms>
+// kInDouble: float data summed in double too (no float partial sums), for reduce_task's re-sums.
+template <bool kInDouble = false, class Terms>
 void reduce_rows_blocked(const Terms& terms, const RowPiece& q, int64_t o0, int64_t o1,
                          const Scratch& s, bool prefetch) {
   using T = TermsElem<Terms>;
-  constexpr bool kFloat = kFloatPartials<Terms>;
+  constexpr bool kFloat = kFloatPartials<Terms> && !kInDouble;
   constexpr int64_t W = kFloat ? kVecElems<T> : kDoublesPerVec;
   constexpr int64_t U = line_vecs(W * static_cast<int64_t>(sizeof(T)));
   const int64_t vec_width = q.width - q.width % W;

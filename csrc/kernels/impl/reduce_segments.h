@@ -112,6 +112,36 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
       tail.width = tail_width;
       read(tail, 0, 1);
     }
+    if constexpr (kFloatPartials<Terms> && Terms::kSquares) {
+      // Lanes whose mean square lies below kTinySquares, where float squares underflow: the
+      // task's rows are summed again in double, vectorized, while they are in cache, and those
+      // lanes take the new sums (no other lane's result depends on them).
+      auto tiny = [&](int64_t j) {
+        const int64_t rows = r1 - r0 + (j < tail_width ? 1 : 0);
+        return acc_b[j] < kTinySquares * static_cast<double>(rows) &&
+               !(acc_a[j] == 0.0 && acc_b[j] == 0.0);
+      };
+      bool any_tiny = false;
+      for (int64_t j = 0; j < lanes; ++j) any_tiny = any_tiny || tiny(j);
+      if (any_tiny) {
+        RowPiece again = piece;
+        again.acc_a = s.redo_a;
+        again.acc_b = s.redo_b;
+        for (int64_t j = 0; j < lanes; ++j) s.redo_a[j] = s.redo_b[j] = 0.0;
+        reduce_rows_blocked<true>(terms, again, r0, r1, s, false);
+        if (tail_width > 0) {
+          RowPiece tail = again;
+          tail.base += r1 * lanes;
+          tail.width = tail_width;
+          reduce_rows_blocked<true>(terms, tail, 0, 1, s, false);
+        }
+        for (int64_t j = 0; j < lanes; ++j) {
+          if (!tiny(j)) continue;
+          acc_a[j] = s.redo_a[j];
+          acc_b[j] = s.redo_b[j];
+        }
+      }
+    }
     if (kFloatPartials<Terms> && !lanes_finite(piece)) {
       // Some lane's float partial sums overflowed (|terms| > 4e37), or its data hold a NaN or an
       // infinity: that lane is summed again over the task's rows in double (they are in cache).

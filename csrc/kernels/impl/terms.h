@@ -16,6 +16,7 @@ namespace {
 // Forward statistics: d = x - pivot; sums of d and d*d.
 template <class T>
 struct MomentTerms {
+  static constexpr bool kSquares = true;  // b sums squares (see reduce_task)
   const T* x;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
   void vec(int64_t off, vd shift, vd& a, vd& b) const {
@@ -43,6 +44,7 @@ struct MomentTerms {
 // Backward statistics: sums of dy and dy * (x - mean).
 template <class T>
 struct GradTerms {
+  static constexpr bool kSquares = false;
   const T* dy;
   const T* x;
   void prefetch(int64_t off, int64_t count) const {

@@ -19,12 +19,14 @@ struct Scratch {
   double* shift;     // kChunkElems
   double* chunk_a;   // per channel of the chunk (fused path)
   double* chunk_b;
+  double* redo_a;    // kChunkElems each: a task's lanes summed again in double (reduce_task)
+  double* redo_b;
   float* part_a;     // kChunkElems each: float partial sums and shifts (row family)
   float* part_b;
   float* part_shift;
 };
-// Five arrays of kChunkElems doubles, three of kChunkElems floats.
-constexpr int64_t kScratchDoubles = 5 * kChunkElems + (3 * kChunkElems + 1) / 2;
+// Seven arrays of kChunkElems doubles, three of kChunkElems floats.
+constexpr int64_t kScratchDoubles = 7 * kChunkElems + (3 * kChunkElems + 1) / 2;
 
 inline Scratch scratch_for(double* base, int tid) {
   double* p = base + static_cast<int64_t>(tid) * kScratchDoubles;
@@ -34,7 +36,9 @@ inline Scratch scratch_for(double* base, int tid) {
   s.shift = p + 2 * kChunkElems;
   s.chunk_a = p + 3 * kChunkElems;
   s.chunk_b = p + 4 * kChunkElems;
-  s.part_a = reinterpret_cast<float*>(p + 5 * kChunkElems);
+  s.redo_a = p + 5 * kChunkElems;
+  s.redo_b = p + 6 * kChunkElems;
+  s.part_a = reinterpret_cast<float*>(p + 7 * kChunkElems);
   s.part_b = s.part_a + kChunkElems;
   s.part_shift = s.part_b + kChunkElems;
   return s;
