@@ -282,3 +282,23 @@ def test_tiny_spread_float32_identical_for_any_thread_count(shape, restore_num_t
     y, mean, invstd = bnc.batch_norm_forward(ordinary, eps=1e-45)
     assert np.array_equal(mean[0], results[0][1][0])
     assert np.array_equal(y[:, 0], results[0][0][:, 0])
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 1, 1 << 20), np.float32),
+                                          ((3, 2, 300001), np.float64),
+                                          ((2, 1, 1 << 21), np.float16)])
+def test_long_channels_cut_into_blocks_identical_for_any_thread_count(shape, dtype,
+                                                                      restore_num_threads):
+    """A channel's segments longer than a task are cut into inner blocks (so one long channel
+    runs on every thread): fixed by the shape, so the bits do not depend on the thread count."""
+    rng = np.random.default_rng(22)
+    x = (rng.standard_normal(shape) * 2 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = []
+    for threads in (1, 2, 3):
+        bnc.set_num_threads(threads)
+        y, mean, invstd = bnc.batch_norm_forward(x)
+        results.append((y, mean, invstd) + bnc.batch_norm_backward(dy, x, mean, invstd))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b)

@@ -161,8 +161,9 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block,
                 TaskPrefetch prefetch, int64_t next_chunks = 1) {
   const Geometry& g = p.g;
-  const auto [c0, c1, o0, o1] = TaskBounds(p, chunk, row_block);
+  const auto [c0, c1, o0, o1, i0, i1] = TaskBounds(p, chunk, row_block);
   const int64_t row = g.channels * g.inner;
+  const int64_t block = i1 - i0;  // of each segment (the whole segment unless cut)
   auto fetch_for = [&](int64_t begin, int64_t end) {
     if (prefetch == TaskPrefetch::ahead) return ApplyPrefetch::within<T>(end);
     if (prefetch == TaskPrefetch::next_chunk && chunk + next_chunks < p.num_chunks) {
@@ -172,10 +173,18 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
       const int64_t next_c0 = c0 + next_chunks * p.chunk_channels;
       const int64_t next_c1 = min64(g.channels, next_c0 + p.chunk_channels);
       return ApplyPrefetch{next_chunks * p.chunk_channels * g.inner,
-                           begin + (next_c1 - next_c0) * g.inner};
+                           begin + (p.inner_blocks > 1 ? block : (next_c1 - next_c0) * g.inner)};
     }
     return ApplyPrefetch{};
   };
+  if (p.inner_blocks > 1) {  // one channel per chunk, its segments cut into blocks
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t piece = (o * g.channels + c0) * g.inner + i0;
+      apply_range<Stream, T>(g, map, coefs, lanes, piece, piece + block,
+                             fetch_for(piece, piece + block));
+    }
+    return;
+  }
   if (p.num_chunks == 1) {
     apply_range<Stream, T>(g, map, coefs, lanes, o0 * row, o1 * row, fetch_for(o0 * row, o1 * row));
     return;

@@ -19,6 +19,11 @@ struct Plan {
   int64_t chunks_per_group;
   bool fused;
   int64_t fold = 1;  // row family: rows per super-row (reduce_task), 1 unless rows are narrow
+  // Segment family, one channel per chunk, segments longer than kTaskBytes: each segment is cut
+  // into inner blocks, so that one long channel still makes many tasks. A "row block" (the
+  // index of a task within its chunk, and of its partial sums) is then (row, inner block).
+  int64_t inner_blocks = 1;
+  int64_t inner_per_block = 0;  // elements of a segment per task (the whole segment unless cut)
   int64_t num_tasks() const { return num_chunks * num_row_blocks; }
 };
 
@@ -65,7 +70,17 @@ inline Plan make_plan(Geometry g, int64_t elem_bytes) {
     p.fold = kFoldRows;
     if (!p.fused) p.rows_per_block = ceil_div(p.rows_per_block, p.fold) * p.fold;
   }
-  p.num_row_blocks = max64(1, ceil_div(g.outer, p.rows_per_block));
+  p.inner_per_block = g.inner;
+  if (!p.row_family && !p.fused && p.chunk_channels == 1 && g.inner * elem_bytes > kTaskBytes) {
+    // Blocks of whole lanes (multiples of kLanes elements), at most kMaxRowBlocks tasks per
+    // channel; a task is one row's block.
+    p.rows_per_block = 1;
+    const int64_t blocks = min64(ceil_div(g.inner * elem_bytes, kTaskBytes),
+                                 max64(1, kMaxRowBlocks / max64(g.outer, 1)));
+    p.inner_per_block = ceil_div(ceil_div(g.inner, blocks), kLanes) * kLanes;
+    p.inner_blocks = ceil_div(g.inner, p.inner_per_block);
+  }
+  p.num_row_blocks = max64(1, ceil_div(g.outer, p.rows_per_block)) * p.inner_blocks;
   p.chunks_per_group = max64(1, kGroupBytes / chunk_bytes);
   return p;
 }
@@ -78,14 +93,17 @@ inline int threads_for(const Plan& p, int64_t elem_bytes, int requested) {
   return static_cast<int>(min64(requested, max64(tasks, 1)));
 }
 
-// The channels [c0, c1) and rows [o0, o1) of task (chunk, row_block).
+// The channels [c0, c1), rows [o0, o1) and elements [i0, i1) of each segment of task
+// (chunk, row_block).
 struct TaskBounds {
-  int64_t c0, c1, o0, o1;
+  int64_t c0, c1, o0, o1, i0, i1;
   TaskBounds(const Plan& p, int64_t chunk, int64_t row_block)
       : c0(chunk * p.chunk_channels),
         c1(min64(p.g.channels, c0 + p.chunk_channels)),
-        o0(row_block * p.rows_per_block),
-        o1(min64(p.g.outer, o0 + p.rows_per_block)) {}
+        o0(row_block / p.inner_blocks * p.rows_per_block),
+        o1(min64(p.g.outer, o0 + p.rows_per_block)),
+        i0(row_block % p.inner_blocks * p.inner_per_block),
+        i1(min64(p.g.inner, i0 + p.inner_per_block)) {}
 };
 
 // Outputs of at least this many bytes are written with non-temporal stores (set from the L3

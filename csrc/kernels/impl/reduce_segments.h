@@ -16,13 +16,18 @@ inline void zero_segment_lanes(const Scratch& s, int64_t channels) {
   for (int64_t j = 0; j < channels * kLanes; ++j) s.acc_a[j] = s.acc_b[j] = 0.0;
 }
 
+// Elements [i0, i1) of each segment (i0 a multiple of kLanes, so element i still goes to lane
+// i % 16); by default the whole segment.
 template <class Terms>
 void reduce_segment_rows(const Geometry& g, const Terms& terms, const double* shifts, int64_t c0,
-                         int64_t c1, int64_t o0, int64_t o1, bool prefetch, const Scratch& s) {
-  const int64_t vec_inner = g.inner - g.inner % kLanes;
+                         int64_t c1, int64_t o0, int64_t o1, bool prefetch, const Scratch& s,
+                         int64_t i0 = 0, int64_t i1 = -1) {
+  if (i1 < 0) i1 = g.inner;
+  const int64_t vec_end = i0 + (i1 - i0) / kLanes * kLanes;
   for (int64_t o = o0; o < o1; ++o) {
     if (prefetch && o + 1 < o1)
-      terms.prefetch(((o + 1) * g.channels + c0) * g.inner, (c1 - c0) * g.inner);
+      terms.prefetch(((o + 1) * g.channels + c0) * g.inner + i0,
+                     (c1 - c0 - 1) * g.inner + (i1 - i0));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seg = (o * g.channels + c) * g.inner;
       const double shift = shifts[c];
@@ -34,15 +39,15 @@ void reduce_segment_rows(const Geometry& g, const Terms& terms, const double* sh
         a[k] = load<vd>(lanes_a + k * kDoublesPerVec);
         b[k] = load<vd>(lanes_b + k * kDoublesPerVec);
       }
-      for (int64_t i = 0; i < vec_inner; i += kLanes)
+      for (int64_t i = i0; i < vec_end; i += kLanes)
         for (int64_t k = 0; k < kVecsPerLanes; ++k)
           terms.vec(seg + i + k * kDoublesPerVec, sh, a[k], b[k]);
       for (int64_t k = 0; k < kVecsPerLanes; ++k) {
         store(lanes_a + k * kDoublesPerVec, a[k]);
         store(lanes_b + k * kDoublesPerVec, b[k]);
       }
-      for (int64_t i = vec_inner; i < g.inner; ++i)
-        terms.one(seg + i, shift, lanes_a[i - vec_inner], lanes_b[i - vec_inner]);
+      for (int64_t i = vec_end; i < i1; ++i)
+        terms.one(seg + i, shift, lanes_a[i - vec_end], lanes_b[i - vec_end]);
     }
   }
 }
@@ -60,7 +65,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
                  int64_t row_block, const Scratch& s, double* out_a, double* out_b) {
   using T = TermsElem<Terms>;
   const Geometry& g = p.g;
-  const auto [c0, c1, o0, o1] = TaskBounds(p, chunk, row_block);
+  const auto [c0, c1, o0, o1, i0, i1] = TaskBounds(p, chunk, row_block);
   const int64_t row_stride = g.channels * g.inner;
 
   if (p.row_family) {
@@ -175,7 +180,7 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
   // Segment family: 16 lanes per channel (element i of a segment goes to lane i % 16), segments
   // visited in memory order; each channel's lanes live in acc_a/acc_b between its segments.
   zero_segment_lanes(s, c1 - c0);
-  reduce_segment_rows(g, terms, shifts, c0, c1, o0, o1, true, s);
+  reduce_segment_rows(g, terms, shifts, c0, c1, o0, o1, true, s, i0, i1);
   segment_sums(s, c1 - c0, out_a, out_b);
 }
 

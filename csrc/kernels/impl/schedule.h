@@ -24,7 +24,7 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, Finalize& finalize
   const TaskPrefetch sweep_prefetch = second_sweep_from_memory(p, sizeof(T), Map::kInputs)
                                           ? TaskPrefetch::ahead
                                           : TaskPrefetch::none;
-  const int64_t task_input_bytes = p.rows_per_block * p.chunk_channels * g.inner *
+  const int64_t task_input_bytes = p.rows_per_block * p.chunk_channels * p.inner_per_block *
                                    static_cast<int64_t>(sizeof(T)) * Map::kInputs;
   auto finalize_range = [&](int64_t c0, int64_t c1, const double* sums_a, const double* sums_b,
                             bool last) {
