@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def tensor(x: object, name: str = "x") -> np.ndarray:
 def contiguous(a: object) -> object:
     """``a`` itself unless it is an ndarray that is not C-contiguous and aligned: then one copy
     that is. Anything else goes to the binding as it is (and gets its message there)."""
-    if type(a) is not np.ndarray and not isinstance(a, np.ndarray):
+    if not isinstance(a, np.ndarray):
         return a
     if a.flags.c_contiguous and a.flags.aligned:
         return a
@@ -103,17 +103,40 @@ def statistics(array: object, name: str, x_dtype: np.dtype) -> object:
     return contiguous(array)
 
 
-def disjoint_from_copies(outputs: dict, inputs: dict) -> None:
-    """ValueError when an output shares memory with a caller's input that was copied here (the
-    binding then sees only the copy, and would write into the caller's array unnoticed). The
-    same test as the binding's: by byte ranges. ``inputs`` maps names to (caller's, normalized)."""
-    for in_name, (given, normalized) in inputs.items():
-        if given is normalized or not isinstance(given, np.ndarray):
-            continue
-        for out_name, out in outputs.items():
-            if isinstance(out, np.ndarray) and np.may_share_memory(out, given):
-                raise ValueError(f"{out_name}: expected memory not shared with {in_name}, got an "
-                                 "overlapping array")
+class Inputs:
+    """The caller's input arrays as the binding takes them (``tensor``, ``array``,
+    ``statistics``), remembering those that were copied: an output that overlaps one of them is
+    refused (``refuse_overlap``), since the binding sees only the copy and would write into the
+    caller's array unnoticed. The same test as the binding's: by byte ranges."""
+
+    def __init__(self) -> None:
+        self._copied: Dict[str, np.ndarray] = {}
+
+    def _keep(self, name: str, given: object, normalized: object) -> object:
+        if normalized is not given and isinstance(given, np.ndarray):
+            self._copied[name] = given
+        return normalized
+
+    def tensor(self, name: str, x: object) -> np.ndarray:
+        return self._keep(name, x, tensor(x, name))
+
+    def array(self, name: str, a: object) -> object:
+        return self._keep(name, a, contiguous(a))
+
+    def statistics(self, name: str, a: object, x_dtype: np.dtype) -> object:
+        return self._keep(name, a, statistics(a, name, x_dtype))
+
+    def refuse_overlap(self, **outputs: object) -> None:
+        for in_name, given in self._copied.items():
+            for out_name, out in outputs.items():
+                if isinstance(out, np.ndarray) and np.may_share_memory(out, given):
+                    raise ValueError(f"{out_name}: expected memory not shared with {in_name}, "
+                                     "got an overlapping array")
+
+
+def describe_pair(first: object, second: object) -> str:
+    """'None and an array' and the like, for messages about two arguments given together."""
+    return " and ".join("None" if a is None else "an array" for a in (first, second))
 
 
 def _real_as_float(value: numbers.Real) -> Tuple[float, str]:

@@ -161,8 +161,7 @@ def forward_counting_skips(
         # As PyTorch: half the running statistics would leave the other half stale.
         raise ValueError(
             "running_mean, running_var: expected both arrays or neither when training, got "
-            f"{'None' if running_mean is None else 'an array'} and "
-            f"{'None' if running_var is None else 'an array'}"
+            + A.describe_pair(running_mean, running_var)
         )
     fast = _fast_path(x, axis, out) if _usual_scalars(eps, momentum) else None
     if fast is not None:
@@ -179,30 +178,28 @@ def forward_counting_skips(
             pass  # nothing was written: the normalizing path below copies or explains
         else:
             return y, save_mean, save_invstd, skipped if tracking else 0
-    given = {"x": x, "weight": weight, "bias": bias}
-    x = A.tensor(x)
+    inputs = A.Inputs()
+    x = inputs.tensor("x", x)
     axis = A.normalize_axis(axis, x.ndim)
     eps = A.check_eps(eps)
     momentum = A.check_momentum(momentum)
     channels = A.channels_of(x, axis)
     pdtype = A.param_dtype(x.dtype)
-    weight, bias = A.contiguous(weight), A.contiguous(bias)
-    copies = {"x": (given["x"], x), "weight": (given["weight"], weight),
-              "bias": (given["bias"], bias)}
+    weight, bias = inputs.array("weight", weight), inputs.array("bias", bias)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
                 "running_mean, running_var: expected both arrays when training=False, got "
-                f"{'None' if running_mean is None else 'an array'} and "
-                f"{'None' if running_var is None else 'an array'}"
+                + A.describe_pair(running_mean, running_var)
             )
         # Only read in eval: they may be strided or read-only.
-        copies["running_mean"] = (running_mean, A.contiguous(running_mean))
-        copies["running_var"] = (running_var, A.contiguous(running_var))
-        running_mean, running_var = copies["running_mean"][1], copies["running_var"][1]
+        running_mean = inputs.array("running_mean", running_mean)
+        running_var = inputs.array("running_var", running_var)
     out = A.output(out, x)
-    A.disjoint_from_copies({"out": out, "running_mean": running_mean if training else None,
-                            "running_var": running_var if training else None}, copies)
+    if training:  # updated in place
+        inputs.refuse_overlap(out=out, running_mean=running_mean, running_var=running_var)
+    else:
+        inputs.refuse_overlap(out=out)
     save_mean = np.empty(channels, pdtype)
     save_invstd = np.empty(channels, pdtype)
     if not training:
@@ -260,18 +257,16 @@ def batch_norm_backward(
             pass  # nothing was written: the normalizing path below copies or explains
         else:
             return dx, grad_weight, grad_bias
-    given = (dy, x, save_mean, save_invstd, weight)
-    dy = A.tensor(dy, "dy")
-    x = A.tensor(x, "x")
+    inputs = A.Inputs()
+    dy = inputs.tensor("dy", dy)
+    x = inputs.tensor("x", x)
     axis = A.normalize_axis(axis, dy.ndim)
     channels = A.channels_of(dy, axis)
-    save_mean = A.contiguous(A.required(save_mean, "save_mean", channels))
-    save_invstd = A.contiguous(A.required(save_invstd, "save_invstd", channels))
-    weight = A.contiguous(weight)
+    save_mean = inputs.array("save_mean", A.required(save_mean, "save_mean", channels))
+    save_invstd = inputs.array("save_invstd", A.required(save_invstd, "save_invstd", channels))
+    weight = inputs.array("weight", weight)
     out = A.output(out, dy)
-    A.disjoint_from_copies({"out": out}, dict(zip(
-        ("dy", "x", "save_mean", "save_invstd", "weight"),
-        zip(given, (dy, x, save_mean, save_invstd, weight)))))
+    inputs.refuse_overlap(out=out)
     pdtype = A.param_dtype(dy.dtype)
     grad_weight = np.empty(channels, pdtype)
     grad_bias = np.empty(channels, pdtype)
@@ -405,15 +400,14 @@ def batch_norm_elemt(
     x's per-channel dtype or None. Given the forward's own float64 statistics it gives the
     forward's y bit for bit. ``out`` as in ``batch_norm_forward``.
     """
-    given = (x, mean, invstd, weight, bias)
-    x = A.tensor(x)
+    inputs = A.Inputs()
+    x = inputs.tensor("x", x)
     axis = A.normalize_axis(axis, x.ndim)
-    mean = A.statistics(mean, "mean", x.dtype)
-    invstd = A.statistics(invstd, "invstd", x.dtype)
-    weight, bias = A.contiguous(weight), A.contiguous(bias)
+    mean = inputs.statistics("mean", mean, x.dtype)
+    invstd = inputs.statistics("invstd", invstd, x.dtype)
+    weight, bias = inputs.array("weight", weight), inputs.array("bias", bias)
     out = A.output(out, x)
-    A.disjoint_from_copies({"out": out}, dict(zip(("x", "mean", "invstd", "weight", "bias"),
-                                                  zip(given, (x, mean, invstd, weight, bias)))))
+    inputs.refuse_overlap(out=out)
     _core.elemt(x, out, mean, invstd, weight, bias, axis)
     return out
 
@@ -458,20 +452,18 @@ def batch_norm_backward_elemt(
     per-channel dtype. With the sums of ``batch_norm_backward_reduce`` over the whole batch it
     gives ``batch_norm_backward``'s dx bit for bit.
     """
-    names = ("dy", "x", "mean", "invstd", "weight", "sum_dy", "sum_dy_xmu")
-    given = (dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)
-    dy = A.tensor(dy, "dy")
-    x = A.tensor(x, "x")
+    inputs = A.Inputs()
+    dy = inputs.tensor("dy", dy)
+    x = inputs.tensor("x", x)
     axis = A.normalize_axis(axis, dy.ndim)
     count = A.check_count(count)
-    mean = A.statistics(mean, "mean", dy.dtype)
-    invstd = A.statistics(invstd, "invstd", dy.dtype)
-    sum_dy = A.statistics(sum_dy, "sum_dy", dy.dtype)
-    sum_dy_xmu = A.statistics(sum_dy_xmu, "sum_dy_xmu", dy.dtype)
-    weight = A.contiguous(weight)
+    mean = inputs.statistics("mean", mean, dy.dtype)
+    invstd = inputs.statistics("invstd", invstd, dy.dtype)
+    sum_dy = inputs.statistics("sum_dy", sum_dy, dy.dtype)
+    sum_dy_xmu = inputs.statistics("sum_dy_xmu", sum_dy_xmu, dy.dtype)
+    weight = inputs.array("weight", weight)
     out = A.output(out, dy)
-    A.disjoint_from_copies({"out": out}, dict(zip(names, zip(
-        given, (dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)))))
+    inputs.refuse_overlap(out=out)
     _core.backward_elemt(dy, x, out, mean, invstd, weight, sum_dy, sum_dy_xmu,
                          float(count), axis)
     return out

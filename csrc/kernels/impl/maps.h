@@ -53,6 +53,23 @@ inline void set_normalize(C* const* k, int64_t c, double mean, double scale, dou
   k[2][c] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
 }
 
+// Channel c's scale invstd * weight and shift bias (weight and bias optional: 1 and 0).
+template <class P>
+inline double bn_scale(double invstd, const P* weight, int64_t c) {
+  return weight ? invstd * static_cast<double>(weight[c]) : invstd;
+}
+template <class P>
+inline double bn_shift(const P* bias, int64_t c) {
+  return bias ? static_cast<double>(bias[c]) : 0.0;
+}
+
+// NormalizeMap's coefficients for y = (x - mean) * invstd * weight + bias.
+template <class C, class P>
+inline void set_batch_norm(C* const* k, int64_t c, double mean, double invstd, const P* weight,
+                           const P* bias) {
+  set_normalize(k, c, mean, bn_scale(invstd, weight, c), bn_shift(bias, c));
+}
+
 // The inputs of the training backward maps: dy and x, prefetched together.
 template <class T>
 struct GradInputs {

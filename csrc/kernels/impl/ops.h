@@ -35,9 +35,7 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
     for (int64_t c = c0; c < c1; ++c) {
       save_mean[c] = static_cast<P>(mean[c]);
       save_invstd[c] = static_cast<P>(invstd[c]);
-      set_normalize(coefs, c, mean[c],
-                    weight ? invstd[c] * static_cast<double>(weight[c]) : invstd[c],
-                    bias ? static_cast<double>(bias[c]) : 0.0);
+      set_batch_norm(coefs, c, mean[c], invstd[c], weight, bias);
     }
     return true;
   };
@@ -92,20 +90,16 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
     save_invstd[c] = static_cast<P>(invstd);
     affine = affine && __builtin_fabs(m) * invstd <= kAffineMaxMeanOverStd;  // false for NaN
   }
-  auto scale_of = [&](int64_t c) {
-    const double invstd = static_cast<double>(save_invstd[c]);
-    return weight ? invstd * static_cast<double>(weight[c]) : invstd;
-  };
-  auto shift_of = [&](int64_t c) { return bias ? static_cast<double>(bias[c]) : 0.0; };
   if (affine) {
     return apply_everywhere<T>(g, AffineMap<T>{x, y}, [&](int64_t c, C* const* k) {
-      const double scale = scale_of(c);
+      const double scale = bn_scale(static_cast<double>(save_invstd[c]), weight, c);
       k[0][c] = static_cast<C>(scale);
-      k[1][c] = static_cast<C>(shift_of(c) - static_cast<double>(running_mean[c]) * scale);
+      k[1][c] = static_cast<C>(bn_shift(bias, c) - static_cast<double>(running_mean[c]) * scale);
     }, num_threads);
   }
   return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k) {
-    set_normalize(k, c, static_cast<double>(running_mean[c]), scale_of(c), shift_of(c));
+    set_batch_norm(k, c, static_cast<double>(running_mean[c]),
+                   static_cast<double>(save_invstd[c]), weight, bias);
   }, num_threads);
 }
 
@@ -116,8 +110,7 @@ int64_t elemt(const T* x, T* y, Geometry g, const double* mean, const double* in
               const P* weight, const P* bias, int num_threads) {
   using C = Compute<T>;
   return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k) {
-    set_normalize(k, c, mean[c], weight ? invstd[c] * static_cast<double>(weight[c]) : invstd[c],
-                  bias ? static_cast<double>(bias[c]) : 0.0);
+    set_batch_norm(k, c, mean[c], invstd[c], weight, bias);
   }, num_threads);
 }
 

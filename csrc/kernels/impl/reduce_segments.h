@@ -117,18 +117,21 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
       tail.width = tail_width;
       read(tail, 0, 1);
     }
-    if constexpr (kFloatPartials<Terms> && Terms::kSquares) {
-      // Lanes whose mean square lies below kTinySquares, where float squares underflow: the
-      // task's rows are summed again in double, vectorized, while they are in cache, and those
-      // lanes take the new sums (no other lane's result depends on them).
-      auto tiny = [&](int64_t j) {
+    if constexpr (kFloatPartials<Terms>) {
+      // A lane whose float partial sums overflowed (|terms| > 4e37) or hold a NaN or an infinity,
+      // or (sums of squares) whose mean square lies below kTinySquares, where float squares
+      // underflow, takes sums of the task's rows redone in double, vectorized, while they are in
+      // cache; the other lanes keep theirs, so no lane's result depends on another's.
+      auto redo = [&](int64_t j) {
+        if (!is_finite(acc_a[j]) || !is_finite(acc_b[j])) return true;
         const int64_t rows = r1 - r0 + (j < tail_width ? 1 : 0);
-        return acc_b[j] < kTinySquares * static_cast<double>(rows) &&
+        return Terms::kSquares && acc_b[j] < kTinySquares * static_cast<double>(rows) &&
                !(acc_a[j] == 0.0 && acc_b[j] == 0.0);
       };
-      bool any_tiny = false;
-      for (int64_t j = 0; j < lanes; ++j) any_tiny = any_tiny || tiny(j);
-      if (any_tiny) {
+      bool any = !lanes_finite(piece);
+      if constexpr (Terms::kSquares)
+        for (int64_t j = 0; j < lanes && !any; ++j) any = redo(j);
+      if (any) {
         RowPiece again = piece;
         again.acc_a = s.redo_a;
         again.acc_b = s.redo_b;
@@ -141,24 +144,10 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
           reduce_rows_blocked<true>(terms, tail, 0, 1, s, false);
         }
         for (int64_t j = 0; j < lanes; ++j) {
-          if (!tiny(j)) continue;
+          if (!redo(j)) continue;
           acc_a[j] = s.redo_a[j];
           acc_b[j] = s.redo_b[j];
         }
-      }
-    }
-    if (kFloatPartials<Terms> && !lanes_finite(piece)) {
-      // Some lane's float partial sums overflowed (|terms| > 4e37), or its data hold a NaN or an
-      // infinity: that lane is summed again over the task's rows in double (they are in cache).
-      // Lane by lane, so that no other lane's result depends on it.
-      for (int64_t j = 0; j < lanes; ++j) {
-        if (is_finite(acc_a[j]) && is_finite(acc_b[j])) continue;
-        double a = 0.0, b = 0.0;
-        const int64_t rows = r1 - r0 + (j < tail_width ? 1 : 0);
-        for (int64_t o = r0; o < r0 + rows; ++o)
-          terms.one(o * piece.row_stride + piece.base + j, lane_shift[j], a, b);
-        acc_a[j] = a;
-        acc_b[j] = b;
       }
     }
     if (direct) return;
