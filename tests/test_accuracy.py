@@ -312,6 +312,31 @@ def test_pivot_a_few_stds_out_costs_no_digits(shape, axis, k, stream_threshold,
                                    err_msg=f"variance, pivot {k} std out, seed {seed}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,dtype", [
+    ((256, 16384), np.float16),  # unfused: groups of 8192 channels, 1 or 2 ranges per thread
+    ((64, 4096), F32),  # fused chunks
+], ids=case_id)
+def test_running_statistics_updated_once_when_some_channels_are_summed_again(
+        shape, dtype, threads, restore_num_threads):
+    """Channels whose pivot lies far out are summed again, and the finalize of their range runs
+    twice; other ranges of the same group are finalized once. The running statistics (momentum
+    0.5, far from the batch's) must be updated exactly once for every channel."""
+    bnc.set_num_threads(threads)
+    rng = np.random.default_rng(7)
+    n, c = shape
+    x = (3 + rng.standard_normal(shape)).astype(dtype)
+    far = np.r_[100, 5000:5100, 9000] if c > 9000 else np.r_[100, 3000:3050]
+    x[:8, far] += 20  # the first 8 rows: the pivot, > kRepivotStds standard deviations out
+    rm = np.full(c, 100.0, F32)
+    rv = np.full(c, 50.0, F32)
+    bnc.batch_norm_forward(x, None, None, rm, rv, momentum=0.5)
+    mean, var, count = exact_stats(x, 1)
+    np.testing.assert_allclose(rm, 0.5 * 100.0 + 0.5 * mean, rtol=1e-6, err_msg="running_mean")
+    np.testing.assert_allclose(rv, 0.5 * 50.0 + 0.5 * var * count / (count - 1), rtol=1e-6,
+                               err_msg="running_var")
+
+
 # -- narrow rows folded into super-rows ------------------------------------------------------------
 
 

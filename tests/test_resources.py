@@ -138,3 +138,89 @@ def test_peak_memory_of_forward_and_backward_with_out(tmp_path):
     result.pop("rss_final_minus_peak")
     too_much = {k: v for k, v in result.items() if v >= 4 * 2 ** 20}
     assert not too_much, f"peak RSS increase (bytes) of 4 MB or more: {too_much} (all: {result})"
+
+
+_WIDE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import bnc
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+        raise LookupError(field)
+
+    def reset_peak():
+        # Linux >= 4.0: VmHWM back to the current RSS. Where that is refused, VmHWM - VmRSS
+        # before a call stays an upper bound of its growth (the test can only fail safe).
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    bnc.set_num_threads(int(sys.argv[1]))
+    w = np.random.default_rng(0).standard_normal((8, 64, 32, 32), dtype=np.float32)
+    bnc.batch_norm_forward(w)  # warm up the OpenMP team
+    del w
+    keep = []  # every result stays alive: the RSS only grows during the calls
+    result = {}
+    for name, shape, dtype in (("2xC-f32", (2, 2**23), "float32"),
+                               ("4xC-f16", (4, 2**22), "float16"),
+                               ("2xCx3-f64", (2, 2**20, 3), "float64"),
+                               # unfused: per-channel arrays, at most ~half the input (float16)
+                               ("96xC-f16", (96, 2**18), "float16")):
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        out = np.ones_like(x)
+        c = shape[1]
+        p = np.float64 if dtype == "float64" else np.float32
+        # filled: their pages are resident before the calls
+        rm, rv, wt, bs, sm, si = (np.full(c, 0.5, p) for _ in range(6))
+        m64, i64 = np.full(c, 0.25), np.full(c, 2.0)
+        calls = {
+            "forward": lambda: bnc.batch_norm_forward(x, wt, bs, rm, rv, out=out),
+            "eval": lambda: bnc.batch_norm_forward(x, wt, bs, rm, rv, training=False, out=out),
+            "backward": lambda: bnc.batch_norm_backward(dy, x, sm, si, wt, out=out),
+            "stats": lambda: bnc.batch_norm_stats(x),
+            "elemt": lambda: bnc.batch_norm_elemt(x, m64, i64, wt, bs, out=out),
+            "backward_reduce": lambda: bnc.batch_norm_backward_reduce(dy, x, m64, i64),
+            "backward_elemt": lambda: bnc.batch_norm_backward_elemt(dy, x, m64, i64, wt, m64, i64,
+                                                                    2 * shape[0], out=out),
+        }
+        for op, call in calls.items():
+            reset_peak()
+            rss_before = status("VmRSS")
+            got = call()
+            keep.append(got)
+            got = got if isinstance(got, tuple) else (got,)
+            returned = sum(a.nbytes for a in got if isinstance(a, np.ndarray) and a is not out)
+            result[f"{name}-{op}"] = {"input": x.nbytes, "returned": returned,
+                                      "growth": status("VmHWM") - rss_before}
+    print(json.dumps(result))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_workspace_of_many_channels_and_few_rows():
+    """A tensor of many channels and few rows (2 or 4 per channel): besides the arrays a call
+    returns, its peak RSS grows by under half the input plus 4 MB, for every operation
+    (per-channel workspace was once ~9x the input of a (2, C) float32 forward)."""
+    threads = max(2, min(4, os.cpu_count() or 1))
+    # glibc: every block of 64 KiB or more mapped afresh and unmapped when freed, so that no freed
+    # memory still resident can hide a call's allocations.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run([sys.executable, "-c", _WIDE_SCRIPT, str(threads)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    too_much = {
+        k: v for k, v in result.items()
+        if v["growth"] - v["returned"] >= v["input"] // 2 + 4 * 2 ** 20
+    }
+    assert not too_much, f"workspace over half the input: {too_much}"

@@ -50,10 +50,11 @@ def main() -> None:
         dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
         ax = axis % len(shape)
         c = shape[ax]
+        pdtype = np.float32 if dtype == "float16" else dtype  # parameters of float16 data
         state = []
         for _ in builds:
-            st = {k: np.zeros(c, dtype) for k in ("b", "rm", "sm", "si", "gw", "gb")}
-            st.update(out=np.zeros_like(x), w=np.ones(c, dtype), rv=np.ones(c, dtype))
+            st = {k: np.zeros(c, pdtype) for k in ("b", "rm", "sm", "si", "gw", "gb")}
+            st.update(out=np.zeros_like(x), w=np.ones(c, pdtype), rv=np.ones(c, pdtype))
             state.append(st)
 
         def call(i, op):

@@ -30,9 +30,8 @@ struct ApplyPrefetch {
 // Applies `map` to elements [e, end) of the flattened tensor, in memory order, prefetching as
 // `prefetch` says.
 template <bool Stream, class T, class Map>
-void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* coef_arrays,
-                 const LaneCoefs<T, Map::kCoefs>& lanes, int64_t e, int64_t end,
-                 ApplyPrefetch prefetch) {
+void apply_range(const Geometry& geometry, const Map& map, const Coefs<T, Map::kCoefs>& cf,
+                 int64_t e, int64_t end, ApplyPrefetch prefetch) {
   using C = Compute<T>;
   using V = Vec<T>;
   constexpr int K = Map::kCoefs;
@@ -44,14 +43,15 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
   // map's own pointers stay behind the reference: see kShortSegmentElems in docs/tuning.md.)
   const Geometry g = geometry;
   const C* coefs[K];
-  for (int k = 0; k < K; ++k) coefs[k] = coef_arrays[k];
+  for (int k = 0; k < K; ++k) coefs[k] = cf.by_channel[k];
+  const int64_t origin = cf.origin;  // of the coefficient arrays: channel c is at c - origin
   T* const out = map.out;
   const int64_t ahead = prefetch.ahead;
   const int64_t prefetch_end = prefetch.end;
   auto aligned = [&](int64_t at) BNC_INLINE {
     return !Stream || reinterpret_cast<uintptr_t>(out + at) % kAlign == 0;
   };
-  if (!lanes.width) {
+  if (!cf.width) {
     // Segments of one channel (inner >= 16 >= W, so a vector crosses at most one segment end):
     // coefficients broadcast per segment, and a vector that crosses into the next segment blends
     // both channels' coefficients. The loop stays on aligned vectors across segment ends, so
@@ -63,7 +63,7 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
     V kv[K];
     auto set_channel = [&](int64_t channel) BNC_INLINE {
       for (int k = 0; k < K; ++k) {
-        ks[k] = coefs[k][channel];
+        ks[k] = coefs[k][channel - origin];
         kv[k] = broadcast<V>(ks[k]);
       }
     };
@@ -84,7 +84,8 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
       const auto in_this = lane_index < static_cast<C>(segment_end - e);
       V mixed[K];
       const int64_t next = c + 1 == g.channels ? 0 : c + 1;
-      for (int k = 0; k < K; ++k) mixed[k] = in_this ? kv[k] : broadcast<V>(coefs[k][next]);
+      for (int k = 0; k < K; ++k)
+        mixed[k] = in_this ? kv[k] : broadcast<V>(coefs[k][next - origin]);
       put<Stream>(out + e, map.vec(e, mixed));
       advance();
     };
@@ -127,9 +128,11 @@ void apply_range(const Geometry& geometry, const Map& map, Compute<T>* const* co
     return;
   }
   const C* lane_coef[K];
-  for (int k = 0; k < K; ++k) lane_coef[k] = lanes.lanes[k];
-  const int64_t width = lanes.width;
-  int64_t j = e % width;  // lane of element e
+  for (int k = 0; k < K; ++k) lane_coef[k] = cf.by_lane[k];
+  const int64_t width = cf.width;
+  // Lane of element e, from the arrays' first (a chunk's arrays hold its lanes only: its pieces
+  // never reach the row's end, so j never wraps there).
+  int64_t j = e % width - origin * cf.inner;
   auto one = [&]() BNC_INLINE {
     C ks[K];
     for (int k = 0; k < K; ++k) ks[k] = lane_coef[k][j];
@@ -157,9 +160,8 @@ enum class TaskPrefetch { none, ahead, next_chunk };
 // Applies `map` on task (chunk, row_block): a contiguous range when chunks are whole rows, else
 // one piece per row, the next piece prefetched.
 template <bool Stream, class T, class Map>
-void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
-                const LaneCoefs<T, Map::kCoefs>& lanes, int64_t chunk, int64_t row_block,
-                TaskPrefetch prefetch, int64_t next_chunks = 1) {
+void apply_task(const Plan& p, const Map& map, const Coefs<T, Map::kCoefs>& coefs, int64_t chunk,
+                int64_t row_block, TaskPrefetch prefetch, int64_t next_chunks = 1) {
   const Geometry& g = p.g;
   const auto [c0, c1, o0, o1, i0, i1] = TaskBounds(p, chunk, row_block);
   const int64_t row = g.channels * g.inner;
@@ -180,31 +182,31 @@ void apply_task(const Plan& p, const Map& map, Compute<T>* const* coefs,
   if (p.inner_blocks > 1) {  // one channel per chunk, its segments cut into blocks
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t piece = (o * g.channels + c0) * g.inner + i0;
-      apply_range<Stream, T>(g, map, coefs, lanes, piece, piece + block,
-                             fetch_for(piece, piece + block));
+      apply_range<Stream, T>(g, map, coefs, piece, piece + block, fetch_for(piece, piece + block));
     }
     return;
   }
   if (p.num_chunks == 1) {
-    apply_range<Stream, T>(g, map, coefs, lanes, o0 * row, o1 * row, fetch_for(o0 * row, o1 * row));
+    apply_range<Stream, T>(g, map, coefs, o0 * row, o1 * row, fetch_for(o0 * row, o1 * row));
     return;
   }
   for (int64_t o = o0; o < o1; ++o) {
     const int64_t piece = (o * g.channels + c0) * g.inner;
     const int64_t piece_end = piece + (c1 - c0) * g.inner;
     if (o + 1 < o1) map.prefetch(piece + row, (c1 - c0) * g.inner);
-    apply_range<Stream, T>(g, map, coefs, lanes, piece, piece_end, fetch_for(piece, piece_end));
+    apply_range<Stream, T>(g, map, coefs, piece, piece_end, fetch_for(piece, piece_end));
   }
 }
 
 // Fused chunks of the segment family whose input comes from memory: writes `chunk` a row at a
-// time and, after each row, reduces the same row of `next` (its sums to s.chunk_a/chunk_b), whose
-// inputs the row's apply prefetches: a thread reads, writes and computes at once. Same sums, same
-// order: the rows of `next` are added in order, as reduce_task adds them.
+// time and, after each row, reduces the same row of `next` (its sums to s.chunk_a/chunk_b, with
+// its shifts next_shifts[c - next's first channel]), whose inputs the row's apply prefetches: a
+// thread reads, writes and computes at once. Same sums, same order: the rows of `next` are added
+// in order, as reduce_task adds them.
 template <bool Stream, class T, class Terms, class Map>
-void apply_reducing_next(const Plan& p, const Terms& terms, const double* shifts, const Map& map,
-                         Compute<T>* const* coefs, const LaneCoefs<T, Map::kCoefs>& lanes,
-                         int64_t chunk, int64_t next, const Scratch& s) {
+void apply_reducing_next(const Plan& p, const Terms& terms, const double* next_shifts,
+                         const Map& map, const Coefs<T, Map::kCoefs>& coefs, int64_t chunk,
+                         int64_t next, const Scratch& s) {
   const Geometry& g = p.g;
   const TaskBounds now(p, chunk, 0), later(p, next, 0);
   const int64_t width = (now.c1 - now.c0) * g.inner;
@@ -213,38 +215,81 @@ void apply_reducing_next(const Plan& p, const Terms& terms, const double* shifts
   zero_segment_lanes(s, later.c1 - later.c0);
   for (int64_t o = 0; o < g.outer; ++o) {
     const int64_t piece = (o * g.channels + now.c0) * g.inner;
-    apply_range<Stream, T>(g, map, coefs, lanes, piece, piece + width,
+    apply_range<Stream, T>(g, map, coefs, piece, piece + width,
                            ApplyPrefetch{offset, piece + next_width});
-    reduce_segment_rows(g, terms, shifts, later.c0, later.c1, o, o + 1, false, s);
+    reduce_segment_rows(g, terms, next_shifts, later.c0, later.c1, o, o + 1, false, s);
   }
   segment_sums(s, later.c1 - later.c0, s.chunk_a, s.chunk_b);
 }
 
-// Applies `map` to the whole tensor, one contiguous range per thread in memory order (no
-// reduction to stay close to), boundaries on multiples of 64 elements. set_coefs(c, coefs) fills
-// channel c's coefficients, coefs[k][c].
+// Whether an apply alone keeps its coefficients per block of channels, in per-thread scratch:
+// when per-channel arrays would take a quarter of the input or more (many channels, few rows).
+template <class T, int K>
+bool apply_by_blocks(const Geometry& g) {
+  const int64_t coef_bytes =
+      (Coefs<T, K>::channel_length(g, g.channels) + Coefs<T, K>::lane_length(g, g.channels)) *
+      K * static_cast<int64_t>(sizeof(Compute<T>));
+  return g.channels > kChunkElems && 4 * coef_bytes >= g.size() * static_cast<int64_t>(sizeof(T));
+}
+
+// Applies `map` to the whole tensor. set_coefs(c, k, j) fills channel c's coefficients at
+// k[.][j]. Either every channel's coefficients first, then one contiguous range per thread in
+// memory order (no reduction to stay close to), boundaries on multiples of 64 elements; or
+// (apply_by_blocks) blocks of up to kChunkElems lanes of each row, split among the threads, each
+// block's coefficients computed by its thread (once: every row of the block is written then).
+// The same coefficients and the same map: the same bits either way.
 template <class T, class Map, class SetCoefs>
 int64_t apply_everywhere(const Geometry& g, const Map& map, SetCoefs&& set_coefs, int num_threads) {
-  const Plan p = make_plan(g, sizeof(T));
+  constexpr int K = Map::kCoefs;
   // One thread per kSerialBytes of work at most (and none below it).
   const int64_t work_threads = max64(1, g.size() * static_cast<int64_t>(sizeof(T)) / kSerialBytes);
   const int threads = static_cast<int>(min64(max64(num_threads, 1), work_threads));
-  ApplyState<T, Map::kCoefs> st;
-  if (!st.allocate(p, 0, 0)) return -1;
-  for (int64_t c = 0; c < g.channels; ++c) {
-    set_coefs(c, st.coefs);
-    st.lanes.spread(c, st.coefs);
-  }
+  const bool by_blocks = apply_by_blocks<T, K>(g);
+  ApplyState<T, K> st;
+  if (!st.allocate_apply(g, by_blocks ? threads : 0, by_blocks)) return -1;
   const bool stream = streaming_output(g, sizeof(T));
+  if (by_blocks) {
+    const int64_t block = ChunkScratch<T, K>::max_channels(g);
+    const int64_t blocks = ceil_div(g.channels, block);
+    auto body = [&](int tid, int nth) {
+      const Scratch s = st.scratch_of(tid);
+      Coefs<T, K> mine = ChunkScratch<T, K>::coefs(g, s);
+      int64_t begin, end;
+      split_range(blocks, tid, nth, begin, end);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t c0 = b * block, c1 = min64(g.channels, c0 + block);
+        mine.origin = c0;
+        for (int64_t c = c0; c < c1; ++c) {
+          set_coefs(c, mine.by_channel, c - c0);
+          mine.spread(c);
+        }
+        for (int64_t o = 0; o < g.outer; ++o) {
+          const int64_t piece = (o * g.channels + c0) * g.inner;
+          const int64_t piece_end = piece + (c1 - c0) * g.inner;
+          if (stream)
+            apply_range<true, T>(g, map, mine, piece, piece_end, ApplyPrefetch::within<T>(piece_end));
+          else
+            apply_range<false, T>(g, map, mine, piece, piece_end, ApplyPrefetch{});
+        }
+      }
+      if (stream) stream_fence();
+    };
+    run_team(threads, body);
+    return 0;
+  }
+  for (int64_t c = 0; c < g.channels; ++c) {
+    set_coefs(c, st.coefs.by_channel, c);
+    st.coefs.spread(c);
+  }
   const int64_t total = g.size();
   auto body = [&](int tid, int nth) {
     const int64_t begin = total / 64 * tid / nth * 64;
     const int64_t end = tid + 1 == nth ? total : total / 64 * (tid + 1) / nth * 64;
     if (stream) {  // too large for the cache: the input comes from memory too
-      apply_range<true, T>(g, map, st.coefs, st.lanes, begin, end, ApplyPrefetch::within<T>(end));
+      apply_range<true, T>(g, map, st.coefs, begin, end, ApplyPrefetch::within<T>(end));
       stream_fence();
     } else {
-      apply_range<false, T>(g, map, st.coefs, st.lanes, begin, end, ApplyPrefetch{});
+      apply_range<false, T>(g, map, st.coefs, begin, end, ApplyPrefetch{});
     }
   };
   run_team(threads, body);

@@ -38,19 +38,19 @@ struct NormalizeMap {
   C one(int64_t off, const C* k) const { return (static_cast<C>(x[off]) - k[0]) * k[1] + k[2]; }
 };
 
-// Channel c's coefficients of NormalizeMap for y = (x - mean) * scale + shift.
+// NormalizeMap's coefficients for y = (x - mean) * scale + shift, at k[.][j].
 template <class C>
-inline void set_normalize(C* const* k, int64_t c, double mean, double scale, double shift) {
+inline void set_normalize(C* const* k, int64_t j, double mean, double scale, double shift) {
   const C mean_hi = static_cast<C>(mean);
   if (!mean_within_range(mean_hi)) {
-    k[0][c] = C(0);
-    k[1][c] = static_cast<C>(scale);
-    k[2][c] = static_cast<C>(shift - mean * scale);
+    k[0][j] = C(0);
+    k[1][j] = static_cast<C>(scale);
+    k[2][j] = static_cast<C>(shift - mean * scale);
     return;
   }
-  k[0][c] = mean_hi;
-  k[1][c] = static_cast<C>(scale);
-  k[2][c] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
+  k[0][j] = mean_hi;
+  k[1][j] = static_cast<C>(scale);
+  k[2][j] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
 }
 
 // Channel c's scale invstd * weight and shift bias (weight and bias optional: 1 and 0).
@@ -63,11 +63,12 @@ inline double bn_shift(const P* bias, int64_t c) {
   return bias ? static_cast<double>(bias[c]) : 0.0;
 }
 
-// NormalizeMap's coefficients for y = (x - mean) * invstd * weight + bias.
+// NormalizeMap's coefficients for y = (x - mean) * invstd * weight + bias of channel c, at
+// k[.][j].
 template <class C, class P>
-inline void set_batch_norm(C* const* k, int64_t c, double mean, double invstd, const P* weight,
-                           const P* bias) {
-  set_normalize(k, c, mean, bn_scale(invstd, weight, c), bn_shift(bias, c));
+inline void set_batch_norm(C* const* k, int64_t j, double mean, double invstd, const P* weight,
+                           const P* bias, int64_t c) {
+  set_normalize(k, j, mean, bn_scale(invstd, weight, c), bn_shift(bias, c));
 }
 
 // The inputs of the training backward maps: dy and x, prefetched together.
@@ -161,24 +162,51 @@ struct NoMap {
   static constexpr int kInputs = 1;
 };
 
-// Per-lane coefficients for inner < kPeriodicBelowInner: lane j of a row (channels * inner
-// elements) holds channel j / inner's coefficient, and the arrays run kVecElems past the row,
-// repeating it, so a vector starting anywhere in a row reads the right coefficients even where
-// it crosses into the next row. Then the map is one flat loop with no per-row bookkeeping.
+// The coefficients of channels from `origin` on (channel c's k-th at by_channel[k][c - origin]),
+// and for inner < kPeriodicBelowInner their per-lane copies: lane j of a row (channels * inner
+// elements) holds channel j / inner's coefficients at by_lane[k][j - origin * inner], and the
+// arrays of a whole row run kVecElems past it, repeating it, so that a vector starting anywhere
+// in a row reads the right coefficients even where it crosses into the next row. Then the map is
+// one flat loop with no per-row bookkeeping. With inner == 1 the lanes are the channels: by_lane
+// is by_channel. The fused schedule keeps one chunk's coefficients in per-thread scratch (origin:
+// the chunk's first channel); the others keep every channel's (origin 0).
 template <class T, int K>
-struct LaneCoefs {
-  Compute<T>* lanes[K];
-  int64_t width = 0;  // 0: not used (inner >= kPeriodicBelowInner)
+struct Coefs {
+  Compute<T>* by_channel[K];
+  Compute<T>* by_lane[K];
+  int64_t origin = 0;
+  int64_t width = 0;  // lanes in a row when by_lane is used, else 0
   int64_t inner = 1;
-  static int64_t length(const Geometry& g) {
-    return g.inner < kPeriodicBelowInner ? g.channels * g.inner + kVecElems<T> : 0;
+  int64_t lane_capacity = 0;  // entries in each by_lane array
+  static bool uses_lanes(const Geometry& g) { return g.inner < kPeriodicBelowInner; }
+  // Entries of each by_channel and by_lane array for `channels` channels starting at a row's
+  // first (whole rows: the repeated vector past the row; with inner == 1 by_channel holds them).
+  static int64_t channel_length(const Geometry& g, int64_t channels) {
+    return g.inner == 1 ? channels + kVecElems<T> : channels;
   }
-  // Copies channel c's coefficients to its lanes.
-  void spread(int64_t c, Compute<T>* const* coefs) const {
+  static int64_t lane_length(const Geometry& g, int64_t channels) {
+    return uses_lanes(g) && g.inner > 1 ? channels * g.inner + kVecElems<T> : 0;
+  }
+  // Points the arrays at storage for `channels` channels (by_lane at by_channel when inner == 1).
+  void place(const Geometry& g, int64_t channels, Compute<T>* const* channel_arrays,
+             Compute<T>* const* lane_arrays) {
+    inner = g.inner;
+    width = uses_lanes(g) ? g.channels * g.inner : 0;
+    lane_capacity = g.inner == 1 ? channel_length(g, channels) : lane_length(g, channels);
+    for (int k = 0; k < K; ++k) {
+      by_channel[k] = channel_arrays[k];
+      by_lane[k] = g.inner == 1 ? channel_arrays[k] : lane_arrays[k];
+    }
+  }
+  // Copies channel c's coefficients to its lanes (within the arrays' capacity: the repeat past
+  // the row exists only where the arrays start at the row's first lane).
+  void spread(int64_t c) const {
     if (!width) return;
+    const int64_t base = origin * inner;
     for (int64_t i = 0; i < inner; ++i)
-      for (int64_t lane = c * inner + i; lane < width + kVecElems<T>; lane += width)
-        for (int k = 0; k < K; ++k) lanes[k][lane] = coefs[k][c];
+      for (int64_t lane = c * inner + i; lane < width + kVecElems<T> && lane - base < lane_capacity;
+           lane += width)
+        for (int k = 0; k < K; ++k) by_lane[k][lane - base] = by_channel[k][c - origin];
   }
 };
 

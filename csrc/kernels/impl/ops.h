@@ -15,65 +15,71 @@ template <class T, class P>
 int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bias, double eps,
                       double momentum, P* running_mean, P* running_var, P* save_mean,
                       P* save_invstd, int num_threads) {
-  using C = Compute<T>;
+  constexpr int K = NormalizeMap<T>::kCoefs;
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
-  ApplyState<T, NormalizeMap<T>::kCoefs> st;
-  if (!st.allocate(p, threads, 4)) return -1;
-  double* mean = st.ws.template take<double>(g.channels);
-  double* var = st.ws.template take<double>(g.channels);
-  double* scaled_var = st.ws.template take<double>(g.channels);
-  double* invstd = st.ws.template take<double>(g.channels);
-  choose_pivots(x, g, st.shifts);
+  ApplyState<T, K> st;
+  if (!st.allocate(p, threads)) return -1;
   const MomentTerms<T> terms{x};
-  const MomentsFinalize<T> moments{p, terms, st.shifts, mean, var, scaled_var};
-  C* const* coefs = st.coefs;
-  auto finalize = [&](int64_t c0, int64_t c1, const double* sums_d, const double* sums_dd,
-                      bool last) {
-    if (!moments(c0, c1, sums_d, sums_dd, last)) return false;
-    inverse_stds(c0, c1, var, scaled_var, eps, invstd);
-    for (int64_t c = c0; c < c1; ++c) {
-      save_mean[c] = static_cast<P>(mean[c]);
-      save_invstd[c] = static_cast<P>(invstd[c]);
-      set_batch_norm(coefs, c, mean[c], invstd[c], weight, bias);
+  const MomentsFinalize<T> moments{p, terms};
+  const double n = static_cast<double>(g.per_channel());
+  const double unbias = n / (n - 1.0);
+  int64_t skipped = 0;
+  auto finalize = [&](const ChannelRange<T, K>& r, bool last) {
+    double* const mean = r.temps[0];
+    double* const var = r.temps[1];
+    double* const scaled_var = r.temps[2];
+    double* const invstd = r.temps[3];
+    if (!moments(r, mean, var, scaled_var, last)) return false;
+    const int64_t c0 = r.c0, count = r.c1 - r.c0;
+    inverse_stds(count, var, scaled_var, eps, invstd);
+    for (int64_t j = 0; j < count; ++j) {
+      save_mean[c0 + j] = static_cast<P>(mean[j]);
+      save_invstd[c0 + j] = static_cast<P>(invstd[j]);
+      set_batch_norm(r.coefs, j, mean[j], invstd[j], weight, bias, c0 + j);
     }
+    // The running statistics here, once per channel (the schedule finalizes each channel once).
+    int64_t skips = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t c = c0 + j;
+      if (!is_finite(mean[j]) || !is_finite(var[j])) {
+        ++skips;
+        continue;
+      }
+      if (running_mean)
+        running_mean[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_mean[c]) +
+                                         momentum * mean[j]);
+      if (running_var)
+        running_var[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_var[c]) +
+                                        momentum * var[j] * unbias);
+    }
+    if (skips) __atomic_fetch_add(&skipped, skips, __ATOMIC_RELAXED);
     return true;
   };
-  run_schedule(p, terms, finalize, NormalizeMap<T>{x, y}, st, threads);
-
-  const double n = static_cast<double>(g.per_channel());
-  int64_t skipped = 0;
-  const double unbias = n / (n - 1.0);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    if (!is_finite(mean[c]) || !is_finite(var[c])) {
-      ++skipped;
-      continue;
-    }
-    if (running_mean)
-      running_mean[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_mean[c]) +
-                                       momentum * mean[c]);
-    if (running_var)
-      running_var[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_var[c]) +
-                                      momentum * var[c] * unbias);
-  }
+  run_schedule(p, terms, ChoosePivots<T>{x, g}, finalize, NormalizeMap<T>{x, y}, st, threads);
   return skipped;
 }
 
 // Statistics alone: the training forward's reduce and moments, nothing applied. m2 = n * var.
 template <class T>
 int64_t stats(const T* x, Geometry g, double* mean, double* m2, int num_threads) {
+  constexpr int K = NoMap::kCoefs;
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
-  ApplyState<T, NoMap::kCoefs> st;
-  if (!st.allocate(p, threads, 2)) return -1;
-  double* var = st.ws.template take<double>(g.channels);
-  double* scaled_var = st.ws.template take<double>(g.channels);
-  choose_pivots(x, g, st.shifts);
+  ApplyState<T, K> st;
+  if (!st.allocate(p, threads)) return -1;
   const MomentTerms<T> terms{x};
-  const MomentsFinalize<T> finalize{p, terms, st.shifts, mean, var, scaled_var};
-  run_schedule(p, terms, finalize, NoMap{}, st, threads);
+  const MomentsFinalize<T> moments{p, terms};
   const double n = static_cast<double>(g.per_channel());
-  for (int64_t c = 0; c < g.channels; ++c) m2[c] = n * var[c];
+  auto finalize = [&](const ChannelRange<T, K>& r, bool last) {
+    if (!moments(r, r.temps[0], r.temps[1], r.temps[2], last)) return false;
+    for (int64_t j = 0; j < r.c1 - r.c0; ++j) {
+      mean[r.c0 + j] = r.temps[0][j];
+      m2[r.c0 + j] = n * r.temps[1][j];
+    }
+    return true;
+  };
+  run_schedule(p, terms, ChoosePivots<T>{x, g}, finalize, NoMap{}, st, threads);
   return 0;
 }
 
@@ -91,15 +97,15 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
     affine = affine && __builtin_fabs(m) * invstd <= kAffineMaxMeanOverStd;  // false for NaN
   }
   if (affine) {
-    return apply_everywhere<T>(g, AffineMap<T>{x, y}, [&](int64_t c, C* const* k) {
+    return apply_everywhere<T>(g, AffineMap<T>{x, y}, [&](int64_t c, C* const* k, int64_t j) {
       const double scale = bn_scale(static_cast<double>(save_invstd[c]), weight, c);
-      k[0][c] = static_cast<C>(scale);
-      k[1][c] = static_cast<C>(bn_shift(bias, c) - static_cast<double>(running_mean[c]) * scale);
+      k[0][j] = static_cast<C>(scale);
+      k[1][j] = static_cast<C>(bn_shift(bias, c) - static_cast<double>(running_mean[c]) * scale);
     }, num_threads);
   }
-  return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k) {
-    set_batch_norm(k, c, static_cast<double>(running_mean[c]),
-                   static_cast<double>(save_invstd[c]), weight, bias);
+  return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k, int64_t j) {
+    set_batch_norm(k, j, static_cast<double>(running_mean[c]),
+                   static_cast<double>(save_invstd[c]), weight, bias, c);
   }, num_threads);
 }
 
@@ -109,45 +115,34 @@ template <class T, class P>
 int64_t elemt(const T* x, T* y, Geometry g, const double* mean, const double* invstd,
               const P* weight, const P* bias, int num_threads) {
   using C = Compute<T>;
-  return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k) {
-    set_batch_norm(k, c, mean[c], invstd[c], weight, bias);
+  return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k, int64_t j) {
+    set_batch_norm(k, j, mean[c], invstd[c], weight, bias, c);
   }, num_threads);
-}
-
-// Shifts for the backward sums: the mean rounded to the compute type (float partial sums hold
-// their shift exactly). Returns whether any channel's mean is not such a number.
-template <class T, class M>
-bool grad_shifts(const M* mean, int64_t channels, double* shifts) {
-  bool rounded = false;
-  for (int64_t c = 0; c < channels; ++c) {
-    shifts[c] = static_cast<double>(static_cast<Compute<T>>(mean[c]));
-    rounded = rounded || shifts[c] != static_cast<double>(mean[c]);
-  }
-  return rounded;
 }
 
 // Backward sums alone: sum_dy and sum_dy_xmu = sum(dy * (x - mean)), nothing applied.
 template <class T>
 int64_t backward_reduce(const T* dy, const T* x, Geometry g, const double* mean, double* sum_dy,
                         double* sum_dy_xmu, int num_threads) {
+  constexpr int K = NoMap::kCoefs;
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
-  ApplyState<T, NoMap::kCoefs> st;
-  if (!st.allocate(p, threads, 0)) return -1;
-  const bool rounded = grad_shifts<T>(mean, g.channels, st.shifts);
-  auto finalize = [&](int64_t c0, int64_t c1, const double* sums_dy, const double* sums_dy_xmu,
-                      bool /*last*/) {
-    for (int64_t c = c0; c < c1; ++c) {
-      sum_dy[c] = sums_dy[c - c0];
-      sum_dy_xmu[c] = sums_dy_xmu[c - c0];
+  ApplyState<T, K> st;
+  if (!st.allocate(p, threads)) return -1;
+  auto finalize = [&](const ChannelRange<T, K>& r, bool /*last*/) {
+    for (int64_t j = 0; j < r.c1 - r.c0; ++j) {
+      const int64_t c = r.c0 + j;
+      sum_dy[c] = r.sums_a[j];
+      // The sums are of dy * (x - shift), the shift the mean rounded to the compute type:
+      // sum(dy * (x - mean)) = sum(dy * (x - shift)) + (shift - mean) * sum(dy).
+      sum_dy_xmu[c] = r.shifts[j] == mean[c]
+                          ? r.sums_b[j]
+                          : r.sums_b[j] + (r.shifts[j] - mean[c]) * r.sums_a[j];
     }
     return true;
   };
-  run_schedule(p, GradTerms<T>{dy, x}, finalize, NoMap{}, st, threads);
-  // sum(dy * (x - mean)) = sum(dy * (x - shift)) + (shift - mean) * sum(dy).
-  if (rounded)
-    for (int64_t c = 0; c < g.channels; ++c)
-      sum_dy_xmu[c] += (st.shifts[c] - mean[c]) * sum_dy[c];
+  run_schedule(p, GradTerms<T>{dy, x}, MeanShifts<T, double>{mean}, finalize, NoMap{}, st,
+               threads);
   return 0;
 }
 
@@ -156,29 +151,29 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
                       const P* save_invstd, const P* weight, P* grad_weight, P* grad_bias,
                       int num_threads) {
   using C = Compute<T>;
+  constexpr int K = Map::kCoefs;
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
-  ApplyState<T, Map::kCoefs> st;
-  if (!st.allocate(p, threads, 0)) return -1;
-  grad_shifts<T>(save_mean, g.channels, st.shifts);  // exact: the saved mean is a P <= C number
+  ApplyState<T, K> st;
+  if (!st.allocate(p, threads)) return -1;
   const double n = static_cast<double>(g.per_channel());
-  C* const* coefs = st.coefs;
-  auto finalize = [&](int64_t c0, int64_t c1, const double* sums_dy, const double* sums_dy_xmu,
-                      bool /*last*/) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const double sum_dy = sums_dy[c - c0], sum_dy_xmu = sums_dy_xmu[c - c0];
+  auto finalize = [&](const ChannelRange<T, K>& r, bool /*last*/) {
+    for (int64_t j = 0; j < r.c1 - r.c0; ++j) {
+      const int64_t c = r.c0 + j;
+      const double sum_dy = r.sums_a[j], sum_dy_xmu = r.sums_b[j];
       const double invstd = static_cast<double>(save_invstd[c]);
       const double w = weight ? static_cast<double>(weight[c]) : 1.0;
       grad_bias[c] = static_cast<P>(sum_dy);
       grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
       if constexpr (Map::kInputs == 2)
-        set_grad_coefs<Map>(coefs, c, st.shifts[c], invstd, w, sum_dy, sum_dy_xmu, n);
+        set_grad_coefs<Map>(r.coefs, j, r.shifts[j], invstd, w, sum_dy, sum_dy_xmu, n);
       else
-        coefs[0][c] = static_cast<C>(invstd * w);
+        r.coefs[0][j] = static_cast<C>(invstd * w);
     }
     return true;  // the shift is the saved mean: no outlier pivot to move away from
   };
-  run_schedule(p, GradTerms<T>{dy, x}, finalize, map, st, threads);
+  // The shifts are exact: the saved mean is a P <= C number.
+  run_schedule(p, GradTerms<T>{dy, x}, MeanShifts<T, P>{save_mean}, finalize, map, st, threads);
   return 0;
 }
 
@@ -202,8 +197,8 @@ int64_t backward_elemt_with(const Map& map, Geometry g, const double* mean, cons
                             const P* weight, const double* sum_dy, const double* sum_dy_xmu,
                             double count, int num_threads) {
   using C = Compute<T>;
-  return apply_everywhere<T>(g, map, [&](int64_t c, C* const* k) {
-    set_grad_coefs<Map>(k, c, mean[c], invstd[c], weight ? static_cast<double>(weight[c]) : 1.0,
+  return apply_everywhere<T>(g, map, [&](int64_t c, C* const* k, int64_t j) {
+    set_grad_coefs<Map>(k, j, mean[c], invstd[c], weight ? static_cast<double>(weight[c]) : 1.0,
                         sum_dy[c], sum_dy_xmu[c], count);
   }, num_threads);
 }

@@ -10,8 +10,8 @@ namespace {
 
 // The segment family's reduce, in three steps so that a chunk's rows can be reduced a few at a
 // time (apply_reducing_next): zero the 16 lanes of each of `channels` channels; add rows
-// [o0, o1) of channels [c0, c1) to them (the next row prefetched if `prefetch`); sum each
-// channel's lanes to out_a/out_b.
+// [o0, o1) of channels [c0, c1) to them (the next row prefetched if `prefetch`), channel c's
+// shift at shifts[c - c0]; sum each channel's lanes to out_a/out_b.
 inline void zero_segment_lanes(const Scratch& s, int64_t channels) {
   for (int64_t j = 0; j < channels * kLanes; ++j) s.acc_a[j] = s.acc_b[j] = 0.0;
 }
@@ -30,7 +30,7 @@ void reduce_segment_rows(const Geometry& g, const Terms& terms, const double* sh
                      (c1 - c0 - 1) * g.inner + (i1 - i0));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t seg = (o * g.channels + c) * g.inner;
-      const double shift = shifts[c];
+      const double shift = shifts[c - c0];
       const vd sh = broadcast<vd>(shift);
       double* lanes_a = s.acc_a + (c - c0) * kLanes;
       double* lanes_b = s.acc_b + (c - c0) * kLanes;
@@ -59,7 +59,8 @@ inline void segment_sums(const Scratch& s, int64_t channels, double* out_a, doub
   }
 }
 
-// Reduces task (chunk, row_block): writes the chunk's per-channel sums to out_a/out_b.
+// Reduces task (chunk, row_block), the chunk's channel c shifted by shifts[c - c0]: writes the
+// chunk's per-channel sums to out_a/out_b.
 template <class Terms>
 void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_t chunk,
                  int64_t row_block, const Scratch& s, double* out_a, double* out_b) {
@@ -81,9 +82,9 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     const bool direct = g.inner == 1 && fold == 1;
     double* acc_a = direct ? out_a : s.acc_a;
     double* acc_b = direct ? out_b : s.acc_b;
-    const double* lane_shift = shifts + c0;
+    const double* lane_shift = shifts;
     if (!direct) {
-      for (int64_t j = 0; j < lanes; ++j) s.shift[j] = shifts[c0 + j % width / g.inner];
+      for (int64_t j = 0; j < lanes; ++j) s.shift[j] = shifts[j % width / g.inner];
       lane_shift = s.shift;
     }
     for (int64_t j = 0; j < lanes; ++j) acc_a[j] = acc_b[j] = 0.0;

@@ -115,6 +115,13 @@ inline vd load_vd(const float* p) {
 }
 #endif
 
+// float16 through float: F16C converts half to float only, and GCC 12 turns a direct half ->
+// double vector conversion into a libgcc call per element. (Both steps are exact.)
+template <>
+inline vd load_vd(const _Float16* p) {
+  return __builtin_convertvector(__builtin_convertvector(load<vh_for_vd>(p), vf_for_vd), vd);
+}
+
 // kVecElems<T> elements of T, in the compute type.
 template <class T>
 inline Vec<T> load_compute(const T* p) {
