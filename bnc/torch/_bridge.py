@@ -1,0 +1,157 @@
+"""Tensors to bnc's NumPy functions and back: which tensors bnc computes, in which layout, and the
+forward and backward on CPU tensors. Knows nothing of autograd or of the custom ops; both call
+these. Nothing here copies a tensor except a strided input (once) and float16 parameters (to the
+float32 that bnc's float16 kernels take)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+import bnc
+
+# Input dtypes bnc computes, and the parameter dtypes it takes with them.
+_PARAM_DTYPES = {
+    torch.float32: (torch.float32,),
+    torch.float64: (torch.float64,),
+    torch.float16: (torch.float32, torch.float16),
+}
+
+
+def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether bnc computes this call: CPU tensors of 2 to 5 dimensions, float32 or float64 with
+    parameters of the same dtype, or float16 with float32 or float16 parameters, each (C,).
+    Anything else goes to torch's own batch norm (the callers' fallback), which also gives
+    torch's own errors for what it refuses."""
+    if input.device.type != "cpu" or not 2 <= input.dim() <= 5 or input.layout != torch.strided:
+        return False
+    allowed = _PARAM_DTYPES.get(input.dtype)
+    if allowed is None:
+        return False
+    channels = input.shape[1]
+    for p in params:
+        if p is not None and (p.device.type != "cpu" or p.dtype not in allowed
+                              or p.shape != (channels,) or p.layout != torch.strided):
+            return False
+    return True
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved statistics (and of bnc's parameters) for input of `dtype`."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether t is handed to the kernels as its (N, ..., C) view: 4-D or 5-D tensors in
+    channels_last / channels_last_3d that are not also plain contiguous."""
+    if t.dim() == 4:
+        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def memory_format(last: bool, dim: int) -> torch.memory_format:
+    if not last:
+        return torch.contiguous_format
+    return torch.channels_last if dim == 4 else torch.channels_last_3d
+
+
+def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
+    """An output of input's shape and dtype in the layout the kernels write: input's memory
+    format when it is contiguous or channels-last, else contiguous (other strides are copied)."""
+    return torch.empty(input.shape, dtype=input.dtype,
+                       memory_format=memory_format(last, input.dim()))
+
+
+def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
+    """The C-contiguous NumPy view the kernels read or write: (N, C, ...) or, channels-last,
+    (N, ..., C). A tensor in neither layout is copied once."""
+    t = t.detach()
+    if last:
+        if not channels_last(t):
+            t = t.contiguous(memory_format=memory_format(True, t.dim()))
+        t = t.permute(0, *range(2, t.dim()), 1)
+    elif not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+def _vector(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[np.ndarray]:
+    """A parameter as bnc takes it: itself when of `dtype` and contiguous, else a copy."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.numpy()
+
+
+def check_batch(input: torch.Tensor) -> None:
+    """torch's check (torch.nn.functional._verify_batch_size), with its message."""
+    size = input.size()
+    values = size[0]
+    for s in size[2:]:
+        values *= s
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def forward(
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, save_mean, save_invstd. Training with running statistics updates them in place (as
+    torch does); float16 running statistics go through float32 and are rounded back."""
+    last = channels_last(input)
+    pdtype = param_dtype(input.dtype)
+    y = empty_output(input, last)
+    rm, rv = _vector(running_mean, pdtype), _vector(running_var, pdtype)
+    _, save_mean, save_invstd = bnc.batch_norm_forward(
+        kernel_view(input, last), _vector(weight, pdtype), _vector(bias, pdtype), rm, rv,
+        training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
+        out=kernel_view(y, last),
+    )
+    if training:  # running statistics that were copied (float16, strided) are written back
+        for buffer, array in ((running_mean, rm), (running_var, rv)):
+            if buffer is not None and array.ctypes.data != buffer.data_ptr():
+                buffer.detach().copy_(torch.from_numpy(array))
+    return y, torch.from_numpy(save_mean), torch.from_numpy(save_invstd)
+
+
+def backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    save_mean: torch.Tensor,
+    save_invstd: torch.Tensor,
+    training: bool,
+    input_grad: bool,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(grad_input or None, grad_weight, grad_bias); the weight and bias gradients in the
+    statistics' dtype (float32 for float16 input). With input_grad False only the two sums are
+    computed (batch_norm_backward_reduce)."""
+    last = channels_last(input)
+    axis = -1 if last else 1
+    pdtype = param_dtype(input.dtype)
+    x = kernel_view(input, last)
+    dy = kernel_view(grad_out.to(input.dtype), last)
+    mean, invstd = save_mean.detach().numpy(), save_invstd.detach().numpy()
+    if not input_grad:
+        sum_dy, sum_dy_xmu = bnc.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
+        grad_weight = torch.from_numpy(sum_dy_xmu * invstd.astype(np.float64)).to(pdtype)
+        return None, grad_weight, torch.from_numpy(sum_dy).to(pdtype)
+    dx = empty_output(input, last)
+    _, grad_weight, grad_bias = bnc.batch_norm_backward(
+        dy, x, mean, invstd, _vector(weight, pdtype), training=training, axis=axis,
+        out=kernel_view(dx, last),
+    )
+    return dx, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)

@@ -1,0 +1,108 @@
+"""bnc.torch.batch_norm: torch.nn.functional.batch_norm's signature and semantics, computed by
+bnc's kernels on CPU tensors. Eager calls go through an autograd.Function (the least per-call
+cost); while torch.compile traces, through the custom ops of _ops.py; what bnc does not compute
+(other devices, dtypes, shapes) goes to torch's own batch norm."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import _bridge, _ops
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Eager forward and backward. Running statistics are updated in the forward (as torch's
+    batch norm does); the backward is once differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, mean, invstd = _bridge.forward(input, weight, bias, running_mean, running_var,
+                                          training, momentum, eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training = training
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        input, weight, mean, invstd = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx, grad_weight, grad_bias = _bridge.backward(grad_y, input, weight, mean, invstd,
+                                                      ctx.training, need_input)
+        return (dx if need_input else None,
+                grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(ctx.bias_dtype) if need_bias else None,
+                None, None, None, None, None)
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def run(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """batch_norm for the modules too: with num_batches_tracked given, the running statistics'
+    momentum is the cumulative average's, 1 / num_batches_tracked (momentum=None)."""
+    if not _bridge.supported(input, running_mean, running_var, weight, bias) or (
+            not training and (running_mean is None or running_var is None)) or (
+            (running_mean is None) != (running_var is None)):
+        # torch's own: other devices and dtypes, and its errors for what it refuses
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    if training:
+        _bridge.check_batch(input)
+    if torch.compiler.is_compiling():
+        y, mean, _, var = torch.ops.bnc.batch_norm(
+            input, weight, bias, None if training else running_mean,
+            None if training else running_var, training, eps)
+        if training and running_mean is not None:
+            torch.ops.bnc.update_running_stats_(running_mean, running_var, mean, var, momentum,
+                                                num_batches_tracked)
+        return y
+    if num_batches_tracked is not None:
+        momentum = 1.0 / float(num_batches_tracked)
+    if not _needs_grad(input, weight, bias):
+        return _bridge.forward(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps)[0]
+    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
+                                    momentum, eps)
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """torch.nn.functional.batch_norm, computed by bnc on CPU tensors (float32, float64, float16
+    with float32 or float16 parameters; 2-D to 5-D; contiguous or channels-last, other strides
+    copied once). Differentiable in input, weight and bias (once: a second derivative raises);
+    traceable by torch.compile with no graph break. Other devices and dtypes run torch's own.
+
+    Beyond torch: a channel whose batch statistics are not finite leaves its running statistics
+    unchanged (with a RuntimeWarning), as in bnc.batch_norm_forward."""
+    return run(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+__all__ = ["batch_norm"]
+_ = _ops  # the custom ops are registered on import

@@ -1,0 +1,79 @@
+"""bnc.torch.BatchNorm1d/2d/3d: subclasses of torch's, the same in everything (constructor,
+parameters, buffers, state_dict, repr) but the forward, which runs bnc's kernels on CPU tensors;
+and convert_batchnorm, which swaps torch's for them in a model."""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional
+
+
+class _BncBatchNorm:
+    """The forward of torch's _BatchNorm, step for step, with bnc's batch norm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        cumulative = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average: 1 / num_batches_tracked
+                cumulative = self.num_batches_tracked
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        tracking = not self.training or self.track_running_stats
+        return functional.run(
+            input,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            momentum,
+            self.eps,
+            cumulative,
+        )
+
+
+class BatchNorm1d(_BncBatchNorm, torch.nn.BatchNorm1d):
+    __doc__ = "torch.nn.BatchNorm1d computed by bnc on CPU (2-D or 3-D input)."
+
+
+class BatchNorm2d(_BncBatchNorm, torch.nn.BatchNorm2d):
+    __doc__ = "torch.nn.BatchNorm2d computed by bnc on CPU (4-D input, either memory format)."
+
+
+class BatchNorm3d(_BncBatchNorm, torch.nn.BatchNorm3d):
+    __doc__ = "torch.nn.BatchNorm3d computed by bnc on CPU (5-D input, either memory format)."
+
+
+_REPLACEMENTS = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def _converted(module: torch.nn.Module) -> torch.nn.Module:
+    """A bnc module with module's state: the same parameter and buffer tensors, hooks, mode."""
+    new = _REPLACEMENTS[type(module)].__new__(_REPLACEMENTS[type(module)])
+    new.__dict__.update(module.__dict__)
+    # Containers of its own (the tensors in them are shared).
+    for name, value in module.__dict__.items():
+        if isinstance(value, (dict, set)):
+            new.__dict__[name] = type(value)(value)
+    return new
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replaces every torch.nn.BatchNorm1d/2d/3d in `module` (itself included, recursively) by
+    bnc's, sharing the same parameter and buffer tensors, so that an optimizer that holds them
+    keeps working. Submodules are replaced in their parents; returns the module (a new one when
+    `module` itself is a batch norm). Subclasses of torch's batch norms are left alone."""
+    if type(module) in _REPLACEMENTS:
+        return _converted(module)
+    for name, child in module.named_children():
+        new = convert_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
