@@ -96,7 +96,8 @@ def check_batch(input: torch.Tensor) -> None:
     for s in size[2:]:
         values *= s
     if values == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def forward(
