@@ -18,9 +18,21 @@ import numpy as np
 _INF = float("inf")
 
 
+# The input dtypes, as messages name them.
+FLOAT_DTYPES = "float16, float32, float64 or bfloat16"
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16 (recognized by its name: bnc does not depend on ml_dtypes)."""
+    return dtype.char == "E" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
 def param_dtype(input_dtype: np.dtype) -> np.dtype:
-    """The dtype of the per-channel arrays for input of ``input_dtype`` (float32 for float16)."""
-    return np.dtype(np.float32) if input_dtype == np.float16 else np.dtype(input_dtype)
+    """The dtype of the per-channel arrays for input of ``input_dtype`` (float32 for float16 and
+    bfloat16)."""
+    if input_dtype == np.float16 or is_bfloat16(np.dtype(input_dtype)):
+        return np.dtype(np.float32)
+    return np.dtype(input_dtype)
 
 
 def describe_dtype(dtype: np.dtype) -> str:
@@ -50,10 +62,8 @@ def check_input(x: object, name: str = "x") -> np.ndarray:
     (the module compares its dtype with its own before the binding sees it), C-contiguous."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype.char not in "efd" or not x.dtype.isnative:
-        raise TypeError(
-            f"{name}: expected dtype float16, float32 or float64, got {describe_dtype(x.dtype)}"
-        )
+    if not (x.dtype.char in "efd" or is_bfloat16(x.dtype)) or not x.dtype.isnative:
+        raise TypeError(f"{name}: expected dtype {FLOAT_DTYPES}, got {describe_dtype(x.dtype)}")
     if x.ndim < 2:
         raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
     return contiguous(x)

@@ -18,9 +18,10 @@ nothing. The C++ binding checks every buffer; this layer checks scalars and Pyth
 normalizes (copies strided inputs once, makes the axis non-negative, allocates outputs): see
 ``bnc._args``.
 
-Dtypes: ``x`` is float16, float32 or float64. Per-channel arrays (weight, bias, running statistics,
-save_mean, save_invstd, gradients) have x's dtype, except for float16 input, whose per-channel
-arrays are float32 (as in PyTorch). The split-phase statistics and sums are float64. Nothing is
+Dtypes: ``x`` is float16, float32, float64 or bfloat16 (ml_dtypes' NumPy dtype, recognized by its
+name). Per-channel arrays (weight, bias, running statistics, save_mean, save_invstd, gradients)
+have x's dtype, except for float16 and bfloat16 input, whose per-channel arrays are float32 (as in
+PyTorch). The split-phase statistics and sums are float64. Nothing is
 cast silently.
 """
 
@@ -46,8 +47,9 @@ __all__ = [
 
 _INF = float("inf")
 # param_dtype's rule for the fast path, by the input's type code.
+# ("E": bfloat16, whose name the binding checks.)
 _PARAM_DTYPE_BY_CHAR = {"e": np.dtype(np.float32), "f": np.dtype(np.float32),
-                        "d": np.dtype(np.float64)}
+                        "d": np.dtype(np.float64), "E": np.dtype(np.float32)}
 
 # Names the modules use.
 param_dtype = A.param_dtype
@@ -105,7 +107,7 @@ def batch_norm_forward(
 
     Args:
         x: input of shape (N, C, ...) -- or channels-last (N, ..., C) with ``axis=-1`` -- and dtype
-            float16, float32 or float64. A non-contiguous ``x`` is copied once.
+            float16, float32, float64 or bfloat16. A non-contiguous ``x`` is copied once.
         weight, bias: (C,) scale and shift, or None (1 and 0).
         running_mean, running_var: (C,) running statistics. With ``training=True`` they are updated
             in place (if given): ``running = (1 - momentum) * running + momentum * batch``, with the
@@ -286,7 +288,7 @@ def batch_norm_stats(x: np.ndarray, *, axis: int = 1) -> Tuple[int, np.ndarray, 
     """Per-channel statistics of ``x``: the training forward's reduce, nothing applied.
 
     Args:
-        x: (N, C, ...) or channels-last with ``axis=-1``; float16, float32 or float64.
+        x: (N, C, ...) or channels-last with ``axis=-1``; float16, float32, float64 or bfloat16.
         axis: the channel axis.
 
     Returns:

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import _args as A
 from . import functional as F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -60,7 +61,8 @@ class _BatchNorm:
             raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
         if dtype not in _MODULE_DTYPES:
             raise TypeError(
-                f"dtype: expected float32 or float64 (float32 modules also take float16 input), "
+                "dtype: expected float32 or float64 (float32 modules also take float16 and "
+                "bfloat16 input), "
                 f"got {dtype}"
             )
         self.num_features = int(num_features)
@@ -111,12 +113,11 @@ class _BatchNorm:
         x = F.check_input(x)
         if x.ndim not in self._ndims:
             raise ValueError(f"expected {self._ndims_text} input (got {x.ndim}D input)")
-        accepted = (self.dtype,) if self.dtype == np.float64 else (self.dtype, np.dtype(np.float16))
-        if x.dtype not in accepted:
-            raise TypeError(
-                f"x: expected dtype {' or '.join(map(str, accepted))} (the module's dtype), "
-                f"got {x.dtype}"
-            )
+        halves = self.dtype == np.float32 and (x.dtype == np.float16 or A.is_bfloat16(x.dtype))
+        if x.dtype != self.dtype and not halves:
+            accepted = ("float32, float16 or bfloat16" if self.dtype == np.float32
+                        else str(self.dtype))
+            raise TypeError(f"x: expected dtype {accepted} (the module's dtype), got {x.dtype}")
         axis = F.normalize_axis(self.axis, x.ndim)
         if x.shape[axis] != self.num_features:
             raise ValueError(

@@ -28,6 +28,8 @@ MODULE_CASES = [
 ]
 MODULE_IDS = ["1d", "1d-3D", "2d", "3d"]
 
+EXPECTED_FLOAT = "{}: expected dtype float16, float32, float64 or bfloat16"
+
 
 # -- one value per channel -------------------------------------------------------------------------
 
@@ -99,7 +101,7 @@ def test_module_axis_out_of_range():
 def test_module_non_float_input(cls, shape, dtype):
     m = trained(cls)
     x = np.ones(shape, dtype)
-    with module_unchanged(m), raises(TypeError, "x: expected dtype float16, float32 or float64"):
+    with module_unchanged(m), raises(TypeError, EXPECTED_FLOAT.format("x")):
         m(x)
 
 
@@ -109,8 +111,8 @@ def test_module_float64_input_into_float32_module(cls, shape):
     for training in (True, False):
         m.train(training)
         with module_unchanged(m), raises(TypeError,
-                                         "x: expected dtype float32 or float16 (the module's "
-                                         "dtype), got float64"):
+                                         "x: expected dtype float32, float16 or bfloat16 (the "
+                                         "module's dtype), got float64"):
             m(np.ones(shape, np.float64))
 
 

@@ -1,7 +1,9 @@
 """Tensors to bnc's NumPy functions and back: which tensors bnc computes, in which layout, and the
 forward and backward on CPU tensors. Knows nothing of autograd or of the custom ops; both call
-these. Nothing here copies a tensor except a strided input (once) and float16 parameters (to the
-float32 that bnc's float16 kernels take)."""
+these. Nothing here copies a tensor except a strided input (once) and half-precision parameters
+(to the float32 that bnc's float16 and bfloat16 kernels take). bfloat16 tensors reach NumPy as
+ml_dtypes' bfloat16 (torch.from_numpy and Tensor.numpy refuse bfloat16: the bits go as uint16);
+without ml_dtypes they go to torch's own batch norm."""
 
 from __future__ import annotations
 
@@ -18,11 +20,26 @@ _PARAM_DTYPES = {
     torch.float64: (torch.float64,),
     torch.float16: (torch.float32, torch.float16),
 }
+try:
+    import ml_dtypes
+
+    _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+    _PARAM_DTYPES[torch.bfloat16] = (torch.float32, torch.bfloat16)
+except ImportError:  # bfloat16 tensors go to torch's own batch norm
+    _BFLOAT16 = None
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a detached CPU tensor (bfloat16 through its bits)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(_BFLOAT16)
+    return t.numpy()
 
 
 def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether bnc computes this call: CPU tensors of 2 to 5 dimensions, float32 or float64 with
-    parameters of the same dtype, or float16 with float32 or float16 parameters, each (C,).
+    parameters of the same dtype, or float16 or bfloat16 with float32 parameters or their own
+    dtype's, each (C,).
     Anything else goes to torch's own batch norm (the callers' fallback), which also gives
     torch's own errors for what it refuses."""
     if input.device.type != "cpu" or not 2 <= input.dim() <= 5 or input.layout != torch.strided:
@@ -40,7 +57,7 @@ def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
 
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the saved statistics (and of bnc's parameters) for input of `dtype`."""
-    return torch.float32 if dtype == torch.float16 else dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def channels_last(t: torch.Tensor) -> bool:
@@ -76,7 +93,7 @@ def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
         t = t.permute(0, *range(2, t.dim()), 1)
     elif not t.is_contiguous():
         t = t.contiguous()
-    return t.numpy()
+    return _numpy(t)
 
 
 def _vector(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[np.ndarray]:

@@ -41,7 +41,8 @@ struct Pointers {
   }
 };
 
-// Calls f(kernel set) for x's dtype: float32, float64 or float16 (with float32 parameters).
+// Calls f(kernel set) for x's dtype: float32, float64, or float16 or bfloat16 (with float32
+// parameters).
 template <class F>
 auto by_dtype(const py::array& x, const char* name, F&& f) {
   const bnc::KernelTable& t = bnc::active_kernels();
@@ -49,7 +50,9 @@ auto by_dtype(const py::array& x, const char* name, F&& f) {
   if (code == 'f') return f(t.f32);
   if (code == 'd') return f(t.f64);
   if (code == 'e') return f(t.f16);
-  throw py::type_error(std::string(name) + ": expected dtype float16, float32 or float64, got " +
+  if (code == 'E' && is_bfloat16(x)) return f(t.bf16);
+  throw py::type_error(std::string(name) +
+                       ": expected dtype float16, float32, float64 or bfloat16, got " +
                        dtype_str(x));
 }
 

@@ -14,6 +14,12 @@ bool is_native(const py::array& a) {
   return order == '=' || order == '|' || order == kNativeOrder;
 }
 
+bool is_bfloat16(const py::array& a) {
+  const py::dtype d = a.dtype();
+  return d.char_() == 'E' && d.itemsize() == 2 &&
+         py::str(d.attr("name")).cast<std::string>() == "bfloat16";
+}
+
 std::string dtype_str(const py::array& a) {
   const std::string name = py::str(a.dtype());
   if (is_native(a)) return name;

@@ -32,6 +32,14 @@ struct DtypeOf<bnc::half> {
   static constexpr char code = 'e';
   static constexpr const char* name = "float16";
 };
+// ml_dtypes' bfloat16 (a NumPy dtype recognized by its name; char 'E').
+template <>
+struct DtypeOf<bnc::bfloat16> {
+  static constexpr char code = 'E';
+  static constexpr const char* name = "bfloat16";
+};
+// Whether a's dtype is bfloat16: char 'E' and that name (no other dtype is taken for it).
+bool is_bfloat16(const py::array& a);
 
 std::string shape_str(const py::array& a);
 std::string dtype_str(const py::array& a);
@@ -62,7 +70,8 @@ Buffer check(const py::handle& obj, const char* name, bool writeable, int64_t co
              const py::array* like, const char* like_name, bool optional) {
   if (optional && obj.is_none()) return Buffer{};
   py::array a = as_array(obj, name, optional);
-  if (a.dtype().char_() != DtypeOf<U>::code || !is_native(a))
+  if (a.dtype().char_() != DtypeOf<U>::code || !is_native(a) ||
+      (DtypeOf<U>::code == 'E' && !is_bfloat16(a)))
     throw py::type_error(std::string(name) + ": expected dtype " + DtypeOf<U>::name +
                          (like_name ? std::string(" (the dtype of ") + like_name + ")" : "") +
                          ", got " + dtype_str(a));

@@ -17,6 +17,13 @@ struct Geometry {
 // Element type of float16 arrays (NumPy's float16 is IEEE binary16, like _Float16).
 using half = _Float16;
 
+// Element type of bfloat16 arrays (ml_dtypes' and PyTorch's): the upper 16 bits of a float32.
+// Plain data: its conversions (round to nearest even) live in each ISA's namespace (simd.h), so
+// that no function compiled for one instruction set is shared with another.
+struct bfloat16 {
+  unsigned short bits;
+};
+
 // Forward in training mode (batch statistics). `weight`, `bias`, `running_mean` and `running_var`
 // may be null. The running statistics of a channel are updated with the unbiased variance unless
 // that channel's batch statistics are not finite; the number of such skipped channels is returned.
@@ -86,6 +93,7 @@ struct KernelTable {
   KernelSet<float, float> f32;
   KernelSet<double, double> f64;
   KernelSet<half, float> f16;
+  KernelSet<bfloat16, float> bf16;
 };
 
 // Outputs of at least this many bytes are written with non-temporal stores (they bypass the cache:

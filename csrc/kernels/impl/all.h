@@ -32,7 +32,8 @@ constexpr KernelSet<T, P> kernel_set() {
 
 inline const KernelTable& table() {
   static const KernelTable t = {BNC_STR(BNC_ISA), kernel_set<float, float>(),
-                                kernel_set<double, double>(), kernel_set<_Float16, float>()};
+                                kernel_set<double, double>(), kernel_set<_Float16, float>(),
+                                kernel_set<bfloat16, float>()};
   return t;
 }
 

@@ -75,7 +75,7 @@ void apply_range(const Geometry& geometry, const Map& map, const Coefs<T, Map::k
     set_channel(c);
     for (; e < end && !aligned(e); ++e) {
       if (e == segment_end) advance();
-      out[e] = static_cast<T>(map.one(e, ks));
+      out[e] = narrow<T>(map.one(e, ks));
     }
     const V lane_index = iota<V, C>();
     // A vector that crosses into the next segment: lanes below segment_end - e belong to
@@ -123,7 +123,7 @@ void apply_range(const Geometry& geometry, const Map& map, const Coefs<T, Map::k
     }
     for (; e < end; ++e) {
       if (e == segment_end) advance();
-      out[e] = static_cast<T>(map.one(e, ks));
+      out[e] = narrow<T>(map.one(e, ks));
     }
     return;
   }
@@ -136,7 +136,7 @@ void apply_range(const Geometry& geometry, const Map& map, const Coefs<T, Map::k
   auto one = [&]() BNC_INLINE {
     C ks[K];
     for (int k = 0; k < K; ++k) ks[k] = lane_coef[k][j];
-    out[e] = static_cast<T>(map.one(e, ks));
+    out[e] = narrow<T>(map.one(e, ks));
     ++e;
     if (++j == width) j = 0;
   };

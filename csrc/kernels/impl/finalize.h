@@ -34,10 +34,10 @@ struct ChoosePivots {
         int64_t j = 0;
         for (; j + kDoublesPerVec <= n; j += kDoublesPerVec)
           store(shifts + j, load<vd>(shifts + j) + load_vd(sample + j) * kEighth);
-        for (; j < n; ++j) shifts[j] += static_cast<double>(sample[j]) * kEighth;
+        for (; j < n; ++j) shifts[j] += static_cast<double>(widen(sample[j])) * kEighth;
       } else {
         for (int64_t j = 0; j < n; ++j)
-          shifts[j] += static_cast<double>(sample[j * g.inner]) * kEighth;
+          shifts[j] += static_cast<double>(widen(sample[j * g.inner])) * kEighth;
       }
     }
     for (int64_t j = 0; j < n; ++j)
@@ -66,7 +66,7 @@ void channel_sums_scaled(const T* x, const Geometry& g, int64_t c, double shift,
   for (int64_t o = 0; o < g.outer; ++o) {
     const T* segment = x + (o * g.channels + c) * g.inner;
     for (int64_t i = 0; i < g.inner; ++i) {
-      const double d = static_cast<double>(segment[i]) * s - shift * s;
+      const double d = static_cast<double>(widen(segment[i])) * s - shift * s;
       a += d;
       b += d * d;
     }

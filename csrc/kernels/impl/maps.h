@@ -35,7 +35,7 @@ struct NormalizeMap {
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
     return (load_compute(x + off) - k[0]) * k[1] + k[2];
   }
-  C one(int64_t off, const C* k) const { return (static_cast<C>(x[off]) - k[0]) * k[1] + k[2]; }
+  C one(int64_t off, const C* k) const { return (widen(x[off]) - k[0]) * k[1] + k[2]; }
 };
 
 // NormalizeMap's coefficients for y = (x - mean) * scale + shift, at k[.][j].
@@ -99,7 +99,7 @@ struct GradTrainMap : GradInputs<T> {
     return k[0] * load_compute(dy + off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
   }
   C one(int64_t off, const C* k) const {
-    return k[0] * static_cast<C>(dy[off]) + k[2] * (static_cast<C>(x[off]) - k[1]) + k[3];
+    return k[0] * widen(dy[off]) + k[2] * (widen(x[off]) - k[1]) + k[3];
   }
 };
 
@@ -120,8 +120,8 @@ struct GradTrainWideMap : GradInputs<T> {
     return k[0] * ((load_compute(dy + off) - k[4]) - normalized * k[3]);
   }
   C one(int64_t off, const C* k) const {
-    const C normalized = (static_cast<C>(x[off]) - k[1]) * k[2];
-    return k[0] * ((static_cast<C>(dy[off]) - k[4]) - normalized * k[3]);
+    const C normalized = (widen(x[off]) - k[1]) * k[2];
+    return k[0] * ((widen(dy[off]) - k[4]) - normalized * k[3]);
   }
 };
 
@@ -136,7 +136,7 @@ struct GradEvalMap {
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(dy + off, count); }
   Vec<T> vec(int64_t off, const Vec<T>* k) const { return k[0] * load_compute(dy + off); }
-  C one(int64_t off, const C* k) const { return k[0] * static_cast<C>(dy[off]); }
+  C one(int64_t off, const C* k) const { return k[0] * widen(dy[off]); }
 };
 
 // Inference with statistics near zero: y = x * scale + offset, PyTorch's form, a third of the
@@ -152,7 +152,7 @@ struct AffineMap {
   T* out;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
   Vec<T> vec(int64_t off, const Vec<T>* k) const { return load_compute(x + off) * k[0] + k[1]; }
-  C one(int64_t off, const C* k) const { return static_cast<C>(x[off]) * k[0] + k[1]; }
+  C one(int64_t off, const C* k) const { return widen(x[off]) * k[0] + k[1]; }
 };
 
 // No apply: for the schedules of operations that only reduce.

@@ -34,6 +34,10 @@ typedef float vf __attribute__((vector_size(BNC_VEC_BYTES)));
 typedef float vf_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 2)));
 typedef _Float16 vh_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 4)));
 typedef _Float16 vh_for_vf __attribute__((vector_size(BNC_VEC_BYTES / 2)));
+typedef unsigned short vb_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 4)));
+typedef unsigned short vb_for_vf __attribute__((vector_size(BNC_VEC_BYTES / 2)));
+typedef unsigned int vu_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 2)));
+typedef unsigned int vu __attribute__((vector_size(BNC_VEC_BYTES)));
 
 constexpr int64_t kDoublesPerVec = BNC_VEC_BYTES / 8;
 constexpr int64_t kVecsPerLanes = kLanes / kDoublesPerVec;
@@ -60,6 +64,13 @@ struct Types<_Float16> {
   using RawForVd = vh_for_vd;
   using RawForVec = vh_for_vf;
 };
+template <>
+struct Types<bfloat16> {  // the raw types hold the bits
+  using Compute = float;
+  using Vec = vf;
+  using RawForVd = vb_for_vd;
+  using RawForVec = vb_for_vf;
+};
 
 template <class T>
 using Compute = typename Types<T>::Compute;
@@ -83,6 +94,8 @@ BNC_UNALIGNED(vf, float)
 BNC_UNALIGNED(vf_for_vd, float)
 BNC_UNALIGNED(vh_for_vd, _Float16)
 BNC_UNALIGNED(vh_for_vf, _Float16)
+BNC_UNALIGNED(vb_for_vd, unsigned short)
+BNC_UNALIGNED(vb_for_vf, unsigned short)
 #undef BNC_UNALIGNED
 
 template <class V, class E>
@@ -122,15 +135,67 @@ inline vd load_vd(const _Float16* p) {
   return __builtin_convertvector(__builtin_convertvector(load<vh_for_vd>(p), vf_for_vd), vd);
 }
 
+// bfloat16: the bits widened to the upper half of a float (exact).
+template <>
+inline vd load_vd(const bfloat16* p) {
+  const vu_for_vd u = __builtin_convertvector(load<vb_for_vd>(p), vu_for_vd) << 16;
+  return __builtin_convertvector(reinterpret_cast<const vf_for_vd&>(u), vd);
+}
+
 // kVecElems<T> elements of T, in the compute type.
 template <class T>
 inline Vec<T> load_compute(const T* p) {
-  return __builtin_convertvector(load<typename Types<T>::RawForVec>(p), Vec<T>);
+  if constexpr (sizeof(T) == 2 && !__is_same(T, _Float16)) {  // bfloat16
+    const vu u = __builtin_convertvector(load<vb_for_vf>(p), vu) << 16;
+    return reinterpret_cast<const vf&>(u);
+  } else {
+    return __builtin_convertvector(load<typename Types<T>::RawForVec>(p), Vec<T>);
+  }
+}
+
+// The elements of one Vec rounded to T, as T's raw vector: float to bfloat16 rounds to nearest
+// even, and keeps a NaN a NaN (its quiet bit set: dropping the low half could clear every
+// mantissa bit).
+template <class T>
+inline typename Types<T>::RawForVec to_raw(Vec<T> v) {
+  if constexpr (sizeof(T) == 2 && !__is_same(T, _Float16)) {  // bfloat16
+    const vu u = reinterpret_cast<const vu&>(v);
+    const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vu quiet = (u >> 16) | 0x40u;
+    const vu bits = v != v ? quiet : rounded;
+    return __builtin_convertvector(bits, vb_for_vf);
+  } else {
+    return __builtin_convertvector(v, typename Types<T>::RawForVec);
+  }
 }
 
 template <class T>
 inline void store_compute(T* p, Vec<T> v) {
-  store(p, __builtin_convertvector(v, typename Types<T>::RawForVec));
+  store(p, to_raw<T>(v));
+}
+
+// One element of T in its compute type (exact), and a compute-type value rounded to T.
+template <class T>
+inline Compute<T> widen(T v) {
+  if constexpr (sizeof(T) == 2 && !__is_same(T, _Float16)) {  // bfloat16
+    const unsigned int u = static_cast<unsigned int>(v.bits) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return static_cast<Compute<T>>(v);
+  }
+}
+template <class T>
+inline T narrow(Compute<T> v) {
+  if constexpr (sizeof(T) == 2 && !__is_same(T, _Float16)) {  // bfloat16
+    unsigned int u;
+    __builtin_memcpy(&u, &v, sizeof(u));
+    const unsigned int bits = v != v ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return T{static_cast<unsigned short>(bits)};
+  } else {
+    return static_cast<T>(v);
+  }
 }
 
 template <class V, class S>
@@ -202,7 +267,7 @@ inline void stream_fence() {
 
 template <bool Stream, class T>
 inline void put(T* p, Vec<T> v) {
-  const auto raw = __builtin_convertvector(v, typename Types<T>::RawForVec);
+  const auto raw = to_raw<T>(v);
   if constexpr (Stream) {
     stream_store(p, raw);
   } else {

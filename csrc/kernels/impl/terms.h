@@ -25,7 +25,7 @@ struct MomentTerms {
     b += d * d;
   }
   void one(int64_t off, double shift, double& a, double& b) const {
-    const double d = static_cast<double>(x[off]) - shift;
+    const double d = static_cast<double>(widen(x[off])) - shift;
     a += d;
     b += d * d;
   }
@@ -35,7 +35,7 @@ struct MomentTerms {
     b += d * d;
   }
   void one_f(int64_t off, float shift, float& a, float& b) const {
-    const float d = static_cast<float>(x[off]) - shift;
+    const float d = static_cast<float>(widen(x[off])) - shift;
     a += d;
     b += d * d;
   }
@@ -57,9 +57,9 @@ struct GradTerms {
     b += g * (load_vd(x + off) - mean);
   }
   void one(int64_t off, double mean, double& a, double& b) const {
-    const double g = static_cast<double>(dy[off]);
+    const double g = static_cast<double>(widen(dy[off]));
     a += g;
-    b += g * (static_cast<double>(x[off]) - mean);
+    b += g * (static_cast<double>(widen(x[off])) - mean);
   }
   void vec_f(int64_t off, vf mean, vf& a, vf& b) const {
     const vf g = load_compute(dy + off);
@@ -67,9 +67,9 @@ struct GradTerms {
     b += g * (load_compute(x + off) - mean);
   }
   void one_f(int64_t off, float mean, float& a, float& b) const {
-    const float g = static_cast<float>(dy[off]);
+    const float g = static_cast<float>(widen(dy[off]));
     a += g;
-    b += g * (static_cast<float>(x[off]) - mean);
+    b += g * (static_cast<float>(widen(x[off])) - mean);
   }
 };
 
