@@ -139,7 +139,7 @@ inline vd load_vd(const _Float16* p) {
 template <>
 inline vd load_vd(const bfloat16* p) {
   const vu_for_vd u = __builtin_convertvector(load<vb_for_vd>(p), vu_for_vd) << 16;
-  return __builtin_convertvector(reinterpret_cast<const vf_for_vd&>(u), vd);
+  return __builtin_convertvector((vf_for_vd)u, vd);  // (a vector cast: the same bits)
 }
 
 // kVecElems<T> elements of T, in the compute type.
@@ -147,7 +147,7 @@ template <class T>
 inline Vec<T> load_compute(const T* p) {
   if constexpr (sizeof(T) == 2 && !__is_same(T, _Float16)) {  // bfloat16
     const vu u = __builtin_convertvector(load<vb_for_vf>(p), vu) << 16;
-    return reinterpret_cast<const vf&>(u);
+    return (vf)u;
   } else {
     return __builtin_convertvector(load<typename Types<T>::RawForVec>(p), Vec<T>);
   }
@@ -159,7 +159,7 @@ inline Vec<T> load_compute(const T* p) {
 template <class T>
 inline typename Types<T>::RawForVec to_raw(Vec<T> v) {
   if constexpr (sizeof(T) == 2 && !__is_same(T, _Float16)) {  // bfloat16
-    const vu u = reinterpret_cast<const vu&>(v);
+    const vu u = (vu)v;
     const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     const vu quiet = (u >> 16) | 0x40u;
     const vu bits = v != v ? quiet : rounded;
