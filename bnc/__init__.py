@@ -1,5 +1,6 @@
 """bnc: Batch Normalization for the CPU on NumPy arrays, with PyTorch's semantics."""
 
+from ._pool import get_output_pool_bytes, set_output_pool_bytes
 from ._runtime import config, get_num_threads, select_isa_from_environment, set_num_threads
 from .functional import (
     batch_norm_backward,
@@ -31,5 +32,7 @@ __all__ = [
     "config",
     "get_num_threads",
     "set_num_threads",
+    "get_output_pool_bytes",
+    "set_output_pool_bytes",
     "__version__",
 ]

@@ -88,12 +88,17 @@ def demo() -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "torch"]:
+        from . import bench_torch  # noqa: PLC0415  (imports torch)
+
+        return bench_torch.main(argv[2:])
     if argv and argv[0] == "bench":
         from . import bench  # noqa: PLC0415
 
         return bench.main(argv[1:])
     if argv:
-        print("usage: python -m bnc [bench [--threads N] [--quick] [--json FILE]]", file=sys.stderr)
+        print("usage: python -m bnc [bench [torch] [--threads N] [--quick] [--json FILE]]",
+              file=sys.stderr)
         return 2
     return demo()
 

@@ -15,6 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from ._pool import POOL
+
 _INF = float("inf")
 
 
@@ -93,7 +95,7 @@ def channels_of(x: np.ndarray, axis: int) -> int:
 def output(out: object, like: np.ndarray) -> object:
     """``out`` as given (the binding checks it), or a new array like ``like``."""
     if out is None:
-        return np.empty(like.shape, like.dtype)
+        return POOL.empty(like.shape, like.dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a numpy.ndarray or None, got {type(out).__name__}")
     return out

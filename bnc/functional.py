@@ -81,7 +81,7 @@ def _fast_path(
         return None
     axis %= ndim
     channels = x.shape[axis]
-    result = np.empty(x.shape, x.dtype) if out is None else out
+    result = A.POOL.empty(x.shape, x.dtype) if out is None else out
     return axis, result, np.empty(channels, pdtype), np.empty(channels, pdtype)
 
 

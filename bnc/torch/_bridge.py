@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import bnc
+from bnc._pool import POOL
 
 # Input dtypes bnc computes, and the parameter dtypes it takes with them.
 _PARAM_DTYPES = {
@@ -42,15 +43,17 @@ def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     dtype's, each (C,).
     Anything else goes to torch's own batch norm (the callers' fallback), which also gives
     torch's own errors for what it refuses."""
-    if input.device.type != "cpu" or not 2 <= input.dim() <= 5 or input.layout != torch.strided:
+    # (is_cpu, layout identity and integer sizes: comparing a torch.Size with a tuple goes
+    # through symbolic-shape code, microseconds per call)
+    if not input.is_cpu or not 2 <= input.dim() <= 5 or input.layout is not torch.strided:
         return False
     allowed = _PARAM_DTYPES.get(input.dtype)
     if allowed is None:
         return False
     channels = input.shape[1]
     for p in params:
-        if p is not None and (p.device.type != "cpu" or p.dtype not in allowed
-                              or p.shape != (channels,) or p.layout != torch.strided):
+        if p is not None and (not p.is_cpu or p.dtype not in allowed or p.dim() != 1
+                              or p.shape[0] != channels or p.layout is not torch.strided):
             return False
     return True
 
@@ -76,11 +79,23 @@ def memory_format(last: bool, dim: int) -> torch.memory_format:
     return torch.channels_last if dim == 4 else torch.channels_last_3d
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64,
+                 torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
 def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
     """An output of input's shape and dtype in the layout the kernels write: input's memory
-    format when it is contiguous or channels-last, else contiguous (other strides are copied)."""
-    return torch.empty(input.shape, dtype=input.dtype,
-                       memory_format=memory_format(last, input.dim()))
+    format when it is contiguous or channels-last, else contiguous (other strides are copied).
+    Large ones take their memory from bnc's output pool (bnc.set_output_pool_bytes): it goes back
+    there when the last tensor using it is gone."""
+    shape = tuple(input.shape)
+    if last:
+        shape = (shape[0],) + shape[2:] + (shape[1],)
+    array = POOL.empty(shape, _NUMPY_DTYPES[input.dtype])
+    t = torch.from_numpy(array)
+    if input.dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1)) if last else t
 
 
 def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
