@@ -31,10 +31,10 @@ except ImportError:  # bfloat16 tensors go to torch's own batch norm
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a detached CPU tensor (bfloat16 through its bits)."""
+    """A NumPy view of a CPU tensor (bfloat16 through its bits)."""
     if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy().view(_BFLOAT16)
-    return t.numpy()
+        return t.detach().view(torch.uint16).numpy().view(_BFLOAT16)
+    return t.numpy(force=True)  # (detaches: cheaper than .detach().numpy())
 
 
 def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
@@ -83,11 +83,11 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64,
                  torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
-def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
-    """An output of input's shape and dtype in the layout the kernels write: input's memory
-    format when it is contiguous or channels-last, else contiguous (other strides are copied).
-    Large ones take their memory from bnc's output pool (bnc.set_output_pool_bytes): it goes back
-    there when the last tensor using it is gone."""
+def empty_output(input: torch.Tensor, last: bool) -> Tuple[torch.Tensor, np.ndarray]:
+    """An output of input's shape and dtype in the layout the kernels write (input's memory
+    format when it is contiguous or channels-last, else contiguous: other strides are copied),
+    and the NumPy view the kernels write. Large ones take their memory from bnc's output pool
+    (bnc.set_output_pool_bytes): it goes back there when the last tensor using it is gone."""
     shape = tuple(input.shape)
     if last:
         shape = (shape[0],) + shape[2:] + (shape[1],)
@@ -95,19 +95,21 @@ def empty_output(input: torch.Tensor, last: bool) -> torch.Tensor:
     t = torch.from_numpy(array)
     if input.dtype == torch.bfloat16:
         t = t.view(torch.bfloat16)
-    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1)) if last else t
+        array = array.view(_BFLOAT16)
+    if last:
+        t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+    return t, array
 
 
 def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
     """The C-contiguous NumPy view the kernels read or write: (N, C, ...) or, channels-last,
     (N, ..., C). A tensor in neither layout is copied once."""
-    t = t.detach()
     if last:
         if not channels_last(t):
-            t = t.contiguous(memory_format=memory_format(True, t.dim()))
-        t = t.permute(0, *range(2, t.dim()), 1)
+            t = t.detach().contiguous(memory_format=memory_format(True, t.dim()))
+        t = t.detach().permute(0, *range(2, t.dim()), 1)
     elif not t.is_contiguous():
-        t = t.contiguous()
+        t = t.detach().contiguous()
     return _numpy(t)
 
 
@@ -115,10 +117,14 @@ def _vector(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[np.ndarra
     """A parameter as bnc takes it: itself when of `dtype` and contiguous, else a copy."""
     if t is None:
         return None
-    t = t.detach()
     if t.dtype != dtype or not t.is_contiguous():
-        t = t.to(dtype).contiguous()
-    return t.numpy()
+        t = t.detach().to(dtype).contiguous()
+    return t.numpy(force=True)  # (detaches: cheaper than .detach().numpy())
+
+
+def _copied(t: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether _vector(t, dtype) is a copy."""
+    return t is not None and (t.dtype != dtype or not t.is_contiguous())
 
 
 def check_batch(input: torch.Tensor) -> None:
@@ -146,16 +152,15 @@ def forward(
     torch does); float16 running statistics go through float32 and are rounded back."""
     last = channels_last(input)
     pdtype = param_dtype(input.dtype)
-    y = empty_output(input, last)
+    y, y_array = empty_output(input, last)
     rm, rv = _vector(running_mean, pdtype), _vector(running_var, pdtype)
     _, save_mean, save_invstd = bnc.batch_norm_forward(
         kernel_view(input, last), _vector(weight, pdtype), _vector(bias, pdtype), rm, rv,
-        training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
-        out=kernel_view(y, last),
+        training=training, momentum=momentum, eps=eps, axis=-1 if last else 1, out=y_array,
     )
     if training:  # running statistics that were copied (float16, strided) are written back
         for buffer, array in ((running_mean, rm), (running_var, rv)):
-            if buffer is not None and array.ctypes.data != buffer.data_ptr():
+            if _copied(buffer, pdtype):
                 buffer.detach().copy_(torch.from_numpy(array))
     return y, torch.from_numpy(save_mean), torch.from_numpy(save_invstd)
 
@@ -176,15 +181,14 @@ def backward(
     axis = -1 if last else 1
     pdtype = param_dtype(input.dtype)
     x = kernel_view(input, last)
-    dy = kernel_view(grad_out.to(input.dtype), last)
+    dy = kernel_view(grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype), last)
     mean, invstd = save_mean.detach().numpy(), save_invstd.detach().numpy()
     if not input_grad:
         sum_dy, sum_dy_xmu = bnc.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
         grad_weight = torch.from_numpy(sum_dy_xmu * invstd.astype(np.float64)).to(pdtype)
         return None, grad_weight, torch.from_numpy(sum_dy).to(pdtype)
-    dx = empty_output(input, last)
+    dx, dx_array = empty_output(input, last)
     _, grad_weight, grad_bias = bnc.batch_norm_backward(
-        dy, x, mean, invstd, _vector(weight, pdtype), training=training, axis=axis,
-        out=kernel_view(dx, last),
+        dy, x, mean, invstd, _vector(weight, pdtype), training=training, axis=axis, out=dx_array,
     )
     return dx, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
