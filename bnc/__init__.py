@@ -12,6 +12,7 @@ from .functional import (
     merge_stats,
 )
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm
 
 select_isa_from_environment()
 del select_isa_from_environment
@@ -22,6 +23,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "batch_norm_forward",
     "batch_norm_backward",
     "batch_norm_stats",

@@ -11,5 +11,7 @@ torch.nn.functional.batch_norm. Needs torch (the `torch` extra); `import bnc` do
 
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+from .sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm",
+           "convert_batchnorm"]
