@@ -88,6 +88,10 @@ def demo() -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "sync"]:
+        from . import bench_sync  # noqa: PLC0415
+
+        return bench_sync.main(argv[2:])
     if argv[:2] == ["bench", "torch"]:
         from . import bench_torch  # noqa: PLC0415  (imports torch)
 
@@ -97,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return bench.main(argv[1:])
     if argv:
-        print("usage: python -m bnc [bench [torch] [--threads N] [--quick] [--json FILE]]",
+        print("usage: python -m bnc [bench [torch | sync] [--threads N] [--quick] [--json FILE]]",
               file=sys.stderr)
         return 2
     return demo()

@@ -66,3 +66,14 @@ def test_mpi4py_is_imported_only_for_a_sync_module():
 def test_comm_must_be_a_communicator():
     with pytest.raises(TypeError, match="comm: expected an mpi4py communicator, got int"):
         bnc.SyncBatchNorm(3, comm=3)
+
+
+@needs_mpi
+def test_example_data_parallel_training_equals_single_process():
+    """examples/mpi_train.py under mpiexec -n 2: its losses equal the single-process run's (the
+    script aborts otherwise)."""
+    example = Path(__file__).parent.parent / "examples" / "mpi_train.py"
+    proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, str(example)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "largest relative difference of the losses" in proc.stdout, proc.stdout
