@@ -2,6 +2,7 @@
 
 from ._pool import get_output_pool_bytes, set_output_pool_bytes
 from ._runtime import config, get_num_threads, select_isa_from_environment, set_num_threads
+from .fold import fold_batch_norm
 from .functional import (
     batch_norm_backward,
     batch_norm_backward_elemt,
@@ -28,6 +29,7 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_stats",
     "merge_stats",
+    "fold_batch_norm",
     "batch_norm_elemt",
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",

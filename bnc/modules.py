@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _args as A
 from . import functional as F
+from .fold import fold_batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -183,6 +184,16 @@ class _BatchNorm:
         self.grad_weight = grad_weight if self.weight is not None else None
         self.grad_bias = grad_bias if self.bias is not None else None
         return dx
+
+    def fold_into(self, weight: np.ndarray, bias: Optional[np.ndarray] = None, *,
+                  layer: str = "conv", groups: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+        """(weight, bias) of the layer before this BatchNorm with the BatchNorm's inference form
+        folded in (bnc.fold_batch_norm with this module's statistics, weight, bias and eps)."""
+        if self.running_mean is None:
+            raise ValueError("fold_into: expected running statistics (track_running_stats=True), "
+                             "got a module without them")
+        return fold_batch_norm(weight, bias, self.running_mean, self.running_var, self.weight,
+                               self.bias, self.eps, layer=layer, groups=groups)
 
     # -- state -----------------------------------------------------------------------------------
 
