@@ -146,6 +146,15 @@ class Inputs:
                                      "got an overlapping array")
 
 
+def check_activation(activation: object) -> bool:
+    """Whether `activation` is "relu" (None: no activation); anything else is refused."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+
+
 def describe_pair(first: object, second: object) -> str:
     """'None and an array' and the like, for messages about two arguments given together."""
     return " and ".join("None" if a is None else "an array" for a in (first, second))

@@ -102,6 +102,8 @@ def batch_norm_forward(
     eps: float = 1e-5,
     axis: int = 1,
     out: Optional[np.ndarray] = None,
+    residual: Optional[np.ndarray] = None,
+    activation: Optional[str] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization forward, with PyTorch's semantics.
 
@@ -118,6 +120,9 @@ def batch_norm_forward(
         eps: added to the variance; must be positive.
         axis: the channel axis (default 1; -1 for channels-last).
         out: optional C-contiguous array of x's shape and dtype to write y into (returned).
+        residual: optional array of x's shape and dtype added after the normalization (a
+            residual block's shortcut), in the same pass.
+        activation: None, or "relu": y = max(BN(x) + residual, 0) in the same pass (NaN kept).
 
     Returns:
         ``(y, save_mean, save_invstd)``: y like x; save_mean and save_invstd of shape (C,), the mean
@@ -125,7 +130,7 @@ def batch_norm_forward(
     """
     y, save_mean, save_invstd, skipped = forward_counting_skips(
         x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
-        eps=eps, axis=axis, out=out,
+        eps=eps, axis=axis, out=out, residual=residual, activation=activation,
     )
     if skipped:
         warn_skipped(skipped, save_mean.shape[0], stacklevel=3)
@@ -154,6 +159,8 @@ def forward_counting_skips(
     eps: float = 1e-5,
     axis: int = 1,
     out: Optional[np.ndarray] = None,
+    residual: Optional[np.ndarray] = None,
+    activation: Optional[str] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``batch_norm_forward`` without the warning: also returns the number of channels whose
     running statistics were not updated (non-finite batch statistics), for callers that update
@@ -165,16 +172,18 @@ def forward_counting_skips(
             "running_mean, running_var: expected both arrays or neither when training, got "
             + A.describe_pair(running_mean, running_var)
         )
+    relu = A.check_activation(activation)
     fast = _fast_path(x, axis, out) if _usual_scalars(eps, momentum) else None
-    if fast is not None:
+    if fast is not None and (residual is None or type(residual) is np.ndarray):
         fast_axis, y, save_mean, save_invstd = fast
         try:
             if training:
                 skipped = _core.forward_train(x, y, weight, bias, running_mean, running_var,
-                                              fast_axis, eps, momentum, save_mean, save_invstd)
+                                              fast_axis, eps, momentum, save_mean, save_invstd,
+                                              residual, relu)
             else:
                 _core.forward_eval(x, y, weight, bias, running_mean, running_var, fast_axis,
-                                   eps, save_mean, save_invstd)
+                                   eps, save_mean, save_invstd, residual, relu)
                 skipped = 0
         except (TypeError, ValueError):
             pass  # nothing was written: the normalizing path below copies or explains
@@ -188,6 +197,8 @@ def forward_counting_skips(
     channels = A.channels_of(x, axis)
     pdtype = A.param_dtype(x.dtype)
     weight, bias = inputs.array("weight", weight), inputs.array("bias", bias)
+    if residual is not None:
+        residual = inputs.tensor("residual", residual)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -206,13 +217,14 @@ def forward_counting_skips(
     save_invstd = np.empty(channels, pdtype)
     if not training:
         _core.forward_eval(
-            x, out, weight, bias, running_mean, running_var, axis, eps, save_mean, save_invstd
+            x, out, weight, bias, running_mean, running_var, axis, eps, save_mean, save_invstd,
+            residual, relu,
         )
         return out, save_mean, save_invstd, 0
     # Running statistics are updated in place: the binding refuses them unless C-contiguous.
     skipped = _core.forward_train(
         x, out, weight, bias, running_mean, running_var, axis, eps, momentum, save_mean,
-        save_invstd,
+        save_invstd, residual, relu,
     )
     if x.size == 0:
         # Empty batch: empty output, nothing updated (as PyTorch). No statistics exist.
@@ -232,7 +244,10 @@ def batch_norm_backward(
     training: bool = True,
     axis: int = 1,
     out: Optional[np.ndarray] = None,
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    activation: Optional[str] = None,
+    y: Optional[np.ndarray] = None,
+    return_residual_grad: bool = False,
+) -> Tuple[np.ndarray, ...]:
     """Batch normalization backward, with PyTorch's semantics.
 
     Args:
@@ -244,21 +259,38 @@ def batch_norm_backward(
             ``training=True``); False treats mean and invstd as constants (inference).
         axis: the channel axis, as in the forward.
         out: optional C-contiguous array of x's shape and dtype to write dx into (returned).
+        activation: "relu" when the forward ended in its ReLU (``activation="relu"``): dy is the
+            gradient of the ReLU's output and is masked by ``y > 0`` in the same pass.
+        y: the forward's output (required with ``activation="relu"``).
+        return_residual_grad: also return the gradient of the forward's ``residual``: the masked
+            dy (written in the same pass), or, without an activation, ``dy`` itself.
 
     Returns:
-        ``(dx, grad_weight, grad_bias)``: dx like x; grad_weight = sum(dy * (x - mean) * invstd)
-        and grad_bias = sum(dy) over all but the channel axis, shape (C,).
+        ``(dx, grad_weight, grad_bias)``, and ``grad_residual`` when asked: dx like x;
+        grad_weight = sum(dy * (x - mean) * invstd) and grad_bias = sum(dy) over all but the
+        channel axis, shape (C,).
     """
+    relu = A.check_activation(activation)
+    if relu and y is None:
+        raise ValueError("y: expected the forward's output with activation='relu', got None")
+    if not relu and y is not None:
+        raise ValueError("y: expected None without an activation, got an array")
+    if not isinstance(return_residual_grad, (bool, np.bool_)):
+        raise TypeError("return_residual_grad: expected a bool, got "
+                        f"{type(return_residual_grad).__name__}")
     fast = _fast_path(dy, axis, out) if type(x) is np.ndarray else None  # see _fast_path
-    if fast is not None:
+    if fast is not None and (y is None or type(y) is np.ndarray):
         fast_axis, dx, grad_weight, grad_bias = fast
+        grad_residual = A.POOL.empty(dy.shape, dy.dtype) if relu and return_residual_grad else None
         try:
             _core.backward(dy, x, dx, save_mean, save_invstd, weight, fast_axis, bool(training),
-                           grad_weight, grad_bias)
+                           grad_weight, grad_bias, y, grad_residual)
         except (TypeError, ValueError):
             pass  # nothing was written: the normalizing path below copies or explains
         else:
-            return dx, grad_weight, grad_bias
+            if not return_residual_grad:
+                return dx, grad_weight, grad_bias
+            return dx, grad_weight, grad_bias, dy if grad_residual is None else grad_residual
     inputs = A.Inputs()
     dy = inputs.tensor("dy", dy)
     x = inputs.tensor("x", x)
@@ -267,18 +299,24 @@ def batch_norm_backward(
     save_mean = inputs.array("save_mean", A.required(save_mean, "save_mean", channels))
     save_invstd = inputs.array("save_invstd", A.required(save_invstd, "save_invstd", channels))
     weight = inputs.array("weight", weight)
+    if y is not None:
+        y = inputs.tensor("y", y)
     out = A.output(out, dy)
     inputs.refuse_overlap(out=out)
     pdtype = A.param_dtype(dy.dtype)
     grad_weight = np.empty(channels, pdtype)
     grad_bias = np.empty(channels, pdtype)
+    grad_residual = A.POOL.empty(dy.shape, dy.dtype) if relu and return_residual_grad else None
     _core.backward(
-        dy, x, out, save_mean, save_invstd, weight, axis, bool(training), grad_weight, grad_bias
+        dy, x, out, save_mean, save_invstd, weight, axis, bool(training), grad_weight, grad_bias,
+        y, grad_residual,
     )
     if dy.size == 0:
         grad_weight.fill(0)
         grad_bias.fill(0)
-    return out, grad_weight, grad_bias
+    if not return_residual_grad:
+        return out, grad_weight, grad_bias
+    return out, grad_weight, grad_bias, dy if grad_residual is None else grad_residual
 
 
 # -- split-phase building blocks ------------------------------------------------------------------

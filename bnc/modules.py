@@ -49,6 +49,7 @@ class _BatchNorm:
         bias: bool = True,
         axis: int = 1,
         dtype: object = np.float32,
+        activation: Optional[str] = None,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features: expected an int, got {type(num_features).__name__}")
@@ -73,6 +74,8 @@ class _BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
+        A.check_activation(activation)
+        self.activation = activation
         c = self.num_features
         self.weight: Optional[np.ndarray] = np.ones(c, dtype) if self.affine else None
         self.bias: Optional[np.ndarray] = np.zeros(c, dtype) if self.affine and bias else None
@@ -86,8 +89,10 @@ class _BatchNorm:
         self.training = True
         self.grad_weight: Optional[np.ndarray] = None
         self.grad_bias: Optional[np.ndarray] = None
-        # (x, save_mean, save_invstd, used batch statistics) of the last forward
-        self._saved: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = None
+        self.grad_residual: Optional[np.ndarray] = None
+        # (x, save_mean, save_invstd, used batch statistics, y if ReLU, had a residual) of the
+        # last forward
+        self._saved: Optional[tuple] = None
 
     # -- mode ------------------------------------------------------------------------------------
 
@@ -127,15 +132,18 @@ class _BatchNorm:
             )
         return x
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.forward(x)
+    def __call__(self, x: np.ndarray, residual: Optional[np.ndarray] = None) -> np.ndarray:
+        # (a subclass's forward(x) without a residual still works when none is given)
+        return self.forward(x) if residual is None else self.forward(x, residual)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, residual: Optional[np.ndarray] = None) -> np.ndarray:
         """Normalizes ``x`` of shape (N, C, ...) (or channels-last with ``axis=-1``).
 
         Training mode normalizes with the batch statistics and, when tracking, updates the running
         statistics and ``num_batches_tracked``; eval mode uses the running statistics (or the batch
-        statistics when ``track_running_stats=False``). Returns y, same shape and dtype as x.
+        statistics when ``track_running_stats=False``). ``residual`` (x's shape and dtype) is
+        added after the normalization and the module's activation (``activation="relu"``) applied,
+        in the same pass. Returns y, same shape and dtype as x.
         """
         x = self._check_input(x)
         use_batch_stats = self.training or self.running_mean is None
@@ -159,28 +167,34 @@ class _BatchNorm:
             momentum=0.0 if momentum is None else momentum,
             eps=self.eps,
             axis=self.axis,
+            residual=residual,
+            activation=self.activation,
         )
         if update:
             self.num_batches_tracked += 1
-        self._saved = (x, save_mean, save_invstd, use_batch_stats)
+        self._saved = (x, save_mean, save_invstd, use_batch_stats,
+                       y if self.activation else None, residual is not None)
         if skipped:  # after the state is complete: the warning may be raised as an error
             F.warn_skipped(skipped, self.num_features, stacklevel=_caller_stacklevel())
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        """Gradient of the last forward: returns dx and sets ``grad_weight`` and ``grad_bias``."""
+        """Gradient of the last forward: returns dx and sets ``grad_weight`` and ``grad_bias``,
+        and ``grad_residual`` when the forward had a residual (dy through the activation)."""
         if self._saved is None:
             raise ValueError("backward: expected a forward call before backward, got none")
-        x, save_mean, save_invstd, use_batch_stats = self._saved
+        x, save_mean, save_invstd, use_batch_stats, y, had_residual = self._saved
         if not isinstance(dy, np.ndarray):
             raise TypeError(f"dy: expected a numpy.ndarray, got {type(dy).__name__}")
         if dy.shape != x.shape:
             raise ValueError(f"dy: expected the shape of the last input {x.shape}, got {dy.shape}")
         if dy.dtype != x.dtype:
             raise TypeError(f"dy: expected dtype {x.dtype} (the last input's), got {dy.dtype}")
-        dx, grad_weight, grad_bias = F.batch_norm_backward(
-            dy, x, save_mean, save_invstd, self.weight, training=use_batch_stats, axis=self.axis
+        dx, grad_weight, grad_bias, *rest = F.batch_norm_backward(
+            dy, x, save_mean, save_invstd, self.weight, training=use_batch_stats, axis=self.axis,
+            activation=self.activation, y=y, return_residual_grad=had_residual,
         )
+        self.grad_residual = rest[0] if had_residual else None
         self.grad_weight = grad_weight if self.weight is not None else None
         self.grad_bias = grad_bias if self.bias is not None else None
         return dx
@@ -285,7 +299,8 @@ class _BatchNorm:
         return (
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"axis={self.axis}, dtype={self.dtype})"
+            f"axis={self.axis}, dtype={self.dtype}"
+            + (f", activation={self.activation!r})" if self.activation else ")")
         )
 
 

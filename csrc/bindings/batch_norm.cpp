@@ -13,7 +13,7 @@ constexpr Extent LIKE = Extent::like_first, C = Extent::channels;
 constexpr Access IN = Access::in, OUT = Access::out;
 constexpr bool OPT = true, REQ = false;
 
-constexpr std::array<ArgSpec, 8> kForwardTrain = {{
+constexpr std::array<ArgSpec, 9> kForwardTrain = {{
     {"x", D, LIKE, IN, REQ},
     {"out", D, LIKE, OUT, REQ},
     {"weight", P, C, IN, OPT},
@@ -22,9 +22,10 @@ constexpr std::array<ArgSpec, 8> kForwardTrain = {{
     {"running_var", P, C, OUT, OPT},
     {"save_mean", P, C, OUT, REQ},
     {"save_invstd", P, C, OUT, REQ},
+    {"residual", D, LIKE, IN, OPT},
 }};
 
-constexpr std::array<ArgSpec, 8> kForwardEval = {{
+constexpr std::array<ArgSpec, 9> kForwardEval = {{
     {"x", D, LIKE, IN, REQ},
     {"out", D, LIKE, OUT, REQ},
     {"weight", P, C, IN, OPT},
@@ -33,9 +34,10 @@ constexpr std::array<ArgSpec, 8> kForwardEval = {{
     {"running_var", P, C, IN, REQ},
     {"save_mean", P, C, OUT, REQ},
     {"save_invstd", P, C, OUT, REQ},
+    {"residual", D, LIKE, IN, OPT},
 }};
 
-constexpr std::array<ArgSpec, 8> kBackward = {{
+constexpr std::array<ArgSpec, 10> kBackward = {{
     {"dy", D, LIKE, IN, REQ},
     {"x", D, LIKE, IN, REQ},
     {"out", D, LIKE, OUT, REQ},
@@ -44,6 +46,8 @@ constexpr std::array<ArgSpec, 8> kBackward = {{
     {"weight", P, C, IN, OPT},
     {"grad_weight", P, C, OUT, REQ},
     {"grad_bias", P, C, OUT, REQ},
+    {"y", D, LIKE, IN, OPT},
+    {"grad_residual", D, LIKE, OUT, OPT},
 }};
 
 constexpr std::array<ArgSpec, 3> kStats = {{
@@ -95,36 +99,42 @@ void bind_batch_norm(py::module_& m) {
       "forward_train",
       [](py::handle x, py::handle out, py::handle weight, py::handle bias, py::handle running_mean,
          py::handle running_var, int64_t axis, double eps, double momentum, py::handle save_mean,
-         py::handle save_invstd) {
+         py::handle save_invstd, py::handle residual, bool relu) {
         return run_op(kForwardTrain,
-                      {x, out, weight, bias, running_mean, running_var, save_mean, save_invstd},
+                      {x, out, weight, bias, running_mean, running_var, save_mean, save_invstd,
+                       residual},
                       axis, true, [&](const auto& k, const auto& a, bnc::Geometry g, int threads) {
                         using T = Data<std::decay_t<decltype(k)>>;
                         using Pm = Param<std::decay_t<decltype(k)>>;
-                        return k.forward_train(a.template in<T>(0), a.template out<T>(1), g,
-                                               a.template in<Pm>(2), a.template in<Pm>(3), eps,
-                                               momentum, a.template out<Pm>(4),
-                                               a.template out<Pm>(5), a.template out<Pm>(6),
-                                               a.template out<Pm>(7), threads);
+                        const bnc::ForwardEpilogue<T> epilogue{a.template in<T>(8), relu};
+                        return k.forward_train(a.template in<T>(0), a.template out<T>(1),
+                                               epilogue, g, a.template in<Pm>(2),
+                                               a.template in<Pm>(3), eps, momentum,
+                                               a.template out<Pm>(4), a.template out<Pm>(5),
+                                               a.template out<Pm>(6), a.template out<Pm>(7),
+                                               threads);
                       });
       },
       py::arg("x"), py::arg("out"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
       py::arg("running_var"), py::arg("axis"), py::arg("eps"), py::arg("momentum"),
-      py::arg("save_mean"), py::arg("save_invstd"),
-      "Training forward with batch statistics; returns the number of channels whose running "
-      "statistics were not updated because the batch statistics were not finite.");
+      py::arg("save_mean"), py::arg("save_invstd"), py::arg("residual") = py::none(),
+      py::arg("relu") = false,
+      "Training forward with batch statistics, y = relu?(BN(x) + residual?); returns the number "
+      "of channels whose running statistics were not updated because the batch statistics were "
+      "not finite.");
 
   m.def(
       "forward_eval",
       [](py::handle x, py::handle out, py::handle weight, py::handle bias, py::handle running_mean,
          py::handle running_var, int64_t axis, double eps, py::handle save_mean,
-         py::handle save_invstd) {
+         py::handle save_invstd, py::handle residual, bool relu) {
         run_op(kForwardEval,
-               {x, out, weight, bias, running_mean, running_var, save_mean, save_invstd}, axis, false,
-               [&](const auto& k, const auto& a, bnc::Geometry g, int threads) {
+               {x, out, weight, bias, running_mean, running_var, save_mean, save_invstd, residual},
+               axis, false, [&](const auto& k, const auto& a, bnc::Geometry g, int threads) {
                  using T = Data<std::decay_t<decltype(k)>>;
                  using Pm = Param<std::decay_t<decltype(k)>>;
-                 return k.forward_eval(a.template in<T>(0), a.template out<T>(1), g,
+                 const bnc::ForwardEpilogue<T> epilogue{a.template in<T>(8), relu};
+                 return k.forward_eval(a.template in<T>(0), a.template out<T>(1), epilogue, g,
                                        a.template in<Pm>(2), a.template in<Pm>(3),
                                        a.template in<Pm>(4), a.template in<Pm>(5), eps,
                                        a.template out<Pm>(6), a.template out<Pm>(7), threads);
@@ -132,26 +142,35 @@ void bind_batch_norm(py::module_& m) {
       },
       py::arg("x"), py::arg("out"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
       py::arg("running_var"), py::arg("axis"), py::arg("eps"), py::arg("save_mean"),
-      py::arg("save_invstd"), "Inference forward with the running statistics.");
+      py::arg("save_invstd"), py::arg("residual") = py::none(), py::arg("relu") = false,
+      "Inference forward with the running statistics, y = relu?(BN(x) + residual?).");
 
   m.def(
       "backward",
       [](py::handle dy, py::handle x, py::handle out, py::handle save_mean, py::handle save_invstd,
          py::handle weight, int64_t axis, bool training, py::handle grad_weight,
-         py::handle grad_bias) {
-        run_op(kBackward, {dy, x, out, save_mean, save_invstd, weight, grad_weight, grad_bias},
+         py::handle grad_bias, py::handle y, py::handle grad_residual) {
+        if (y.is_none() && !grad_residual.is_none())
+          throw py::value_error("grad_residual: expected y (the ReLU's output) with it, got None");
+        run_op(kBackward,
+               {dy, x, out, save_mean, save_invstd, weight, grad_weight, grad_bias, y,
+                grad_residual},
                axis, false, [&](const auto& k, const auto& a, bnc::Geometry g, int threads) {
                  using T = Data<std::decay_t<decltype(k)>>;
                  using Pm = Param<std::decay_t<decltype(k)>>;
+                 const bnc::BackwardEpilogue<T> epilogue{a.template in<T>(8),
+                                                         a.template out<T>(9)};
                  return k.backward(a.template in<T>(0), a.template in<T>(1), a.template out<T>(2),
-                                   g, a.template in<Pm>(3), a.template in<Pm>(4),
+                                   epilogue, g, a.template in<Pm>(3), a.template in<Pm>(4),
                                    a.template in<Pm>(5), training, a.template out<Pm>(6),
                                    a.template out<Pm>(7), threads);
                });
       },
       py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("save_mean"), py::arg("save_invstd"),
       py::arg("weight"), py::arg("axis"), py::arg("training"), py::arg("grad_weight"),
-      py::arg("grad_bias"), "Backward: writes dx into out, grad_weight and grad_bias.");
+      py::arg("grad_bias"), py::arg("y") = py::none(), py::arg("grad_residual") = py::none(),
+      "Backward: writes dx into out, grad_weight and grad_bias; with y (the ReLU's output), dy "
+      "is masked by y > 0 first, and written masked into grad_residual when given.");
 
   m.def(
       "stats",

@@ -24,31 +24,52 @@ struct bfloat16 {
   unsigned short bits;
 };
 
+// The forward's fused epilogue: y = act(BN(x) + residual), with `residual` (null: none) an array
+// of x's geometry and dtype, added in the compute type, and act the ReLU (max(v, 0), NaN kept)
+// when `relu`: one pass over memory instead of three.
+template <class T>
+struct ForwardEpilogue {
+  const T* residual;
+  bool relu;
+};
+
+// The backward's: with `y` (the forward's output after its ReLU; null: no ReLU) dy is masked by
+// y > 0 in the same pass, and, with `grad_residual`, the masked dy (the residual's gradient) is
+// written there too.
+template <class T>
+struct BackwardEpilogue {
+  const T* y;
+  T* grad_residual;
+};
+
 // Forward in training mode (batch statistics). `weight`, `bias`, `running_mean` and `running_var`
 // may be null. The running statistics of a channel are updated with the unbiased variance unless
 // that channel's batch statistics are not finite; the number of such skipped channels is returned.
 // Requires outer * inner >= 2.
 // Every kernel returns a negative value when it cannot allocate its (small) workspace.
 template <class T, class P>
-using ForwardTrainFn = int64_t (*)(const T* x, T* y, Geometry g, const P* weight, const P* bias,
-                                   double eps, double momentum, P* running_mean, P* running_var,
-                                   P* save_mean, P* save_invstd, int num_threads);
+using ForwardTrainFn = int64_t (*)(const T* x, T* y, ForwardEpilogue<T> epilogue, Geometry g,
+                                   const P* weight, const P* bias, double eps, double momentum,
+                                   P* running_mean, P* running_var, P* save_mean,
+                                   P* save_invstd, int num_threads);
 
 // Forward in inference mode: normalizes with the running statistics; writes
 // save_mean = running_mean and save_invstd = 1 / sqrt(running_var + eps).
 // Returns 0.
 template <class T, class P>
-using ForwardEvalFn = int64_t (*)(const T* x, T* y, Geometry g, const P* weight, const P* bias,
-                               const P* running_mean, const P* running_var, double eps,
-                               P* save_mean, P* save_invstd, int num_threads);
+using ForwardEvalFn = int64_t (*)(const T* x, T* y, ForwardEpilogue<T> epilogue, Geometry g,
+                                  const P* weight, const P* bias, const P* running_mean,
+                                  const P* running_var, double eps, P* save_mean,
+                                  P* save_invstd, int num_threads);
 
 // Backward: dx, grad_weight = sum(dy * (x - mean) * invstd), grad_bias = sum(dy).
 // training=true differentiates through the batch statistics; false treats them as constants.
 // Returns 0.
 template <class T, class P>
-using BackwardFn = int64_t (*)(const T* dy, const T* x, T* dx, Geometry g, const P* save_mean,
-                            const P* save_invstd, const P* weight, bool training,
-                            P* grad_weight, P* grad_bias, int num_threads);
+using BackwardFn = int64_t (*)(const T* dy, const T* x, T* dx, BackwardEpilogue<T> epilogue,
+                               Geometry g, const P* save_mean, const P* save_invstd,
+                               const P* weight, bool training, P* grad_weight, P* grad_bias,
+                               int num_threads);
 
 // Split-phase building blocks (per-channel statistics and sums in double):
 // statistics: mean and m2 = sum((x - mean)^2), from the training forward's pivoted sums.

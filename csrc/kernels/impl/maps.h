@@ -4,6 +4,7 @@
 
 #include "kernels/batch_norm.h"
 #include "kernels/impl/simd.h"
+#include "kernels/impl/terms.h"
 
 namespace bnc {
 namespace BNC_ISA {
@@ -19,23 +20,50 @@ inline bool mean_within_range(C mean) {
   return __builtin_fabs(static_cast<double>(mean)) < kSafeMean;
 }
 
+// The forward maps' epilogue (ForwardEpilogue): + residual, then ReLU (v < 0 ? 0 : v keeps a
+// NaN, as torch's relu does), in the compute type, before the one rounding to T.
+template <class T, bool Residual, bool Relu>
+struct FwdEpilogue {
+  static constexpr int kInputs = Residual ? 1 : 0;
+  static Vec<T> vec(Vec<T> v, const T* residual, int64_t off) {
+    if constexpr (Residual) v += load_compute(residual + off);
+    if constexpr (Relu) v = v < Compute<T>(0) ? Vec<T>{} : v;
+    return v;
+  }
+  static Compute<T> one(Compute<T> v, const T* residual, int64_t off) {
+    if constexpr (Residual) v += widen(residual[off]);
+    if constexpr (Relu) v = v < Compute<T>(0) ? Compute<T>(0) : v;
+    return v;
+  }
+  static void prefetch(const T* residual, int64_t off, int64_t count) {
+    if constexpr (Residual) prefetch_piece(residual + off, count);
+  }
+};
+
 // Forward: y = (x - mean_hi) * scale + shift_lo, with the mean split into two numbers of the
 // compute type (mean_hi + mean_lo = mean to twice their precision): x - mean_hi is exact where
 // it matters (x close to a large mean), and the low part is folded into the shift in double.
-// y = alpha * x + beta (PyTorch's form) loses digits there.
-template <class T>
+// y = alpha * x + beta (PyTorch's form) loses digits there. Then the epilogue.
+template <class T, bool Residual = false, bool Relu = false>
 struct NormalizeMap {
   using C = Compute<T>;
+  using Epi = FwdEpilogue<T, Residual, Relu>;
   static constexpr int kCoefs = 3;  // mean_hi, scale, shift_lo
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = 1;
+  static constexpr int kInputs = 1 + Epi::kInputs;
   const T* x;
   T* out;
-  void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
-  Vec<T> vec(int64_t off, const Vec<T>* k) const {
-    return (load_compute(x + off) - k[0]) * k[1] + k[2];
+  const T* residual = nullptr;
+  void prefetch(int64_t off, int64_t count) const {
+    prefetch_piece(x + off, count);
+    Epi::prefetch(residual, off, count);
   }
-  C one(int64_t off, const C* k) const { return (widen(x[off]) - k[0]) * k[1] + k[2]; }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const {
+    return Epi::vec((load_compute(x + off) - k[0]) * k[1] + k[2], residual, off);
+  }
+  C one(int64_t off, const C* k) const {
+    return Epi::one((widen(x[off]) - k[0]) * k[1] + k[2], residual, off);
+  }
 };
 
 // NormalizeMap's coefficients for y = (x - mean) * scale + shift, at k[.][j].
@@ -71,15 +99,17 @@ inline void set_batch_norm(C* const* k, int64_t j, double mean, double invstd, c
   set_normalize(k, j, mean, bn_scale(invstd, weight, c), bn_shift(bias, c));
 }
 
-// The inputs of the training backward maps: dy and x, prefetched together.
-template <class T>
+// The inputs of the training backward maps: dy (masked) and x, prefetched together.
+template <class T, bool Relu>
 struct GradInputs {
   const T* dy;
   const T* x;
   T* out;
+  MaskedDy<T, Relu> mask;
   void prefetch(int64_t off, int64_t count) const {
     prefetch_piece(dy + off, count);
     prefetch_piece(x + off, count);
+    mask.prefetch(off, count);
   }
 };
 
@@ -87,19 +117,20 @@ struct GradInputs {
 // b = -a * invstd^2 * sum(dy * (x - mean)) / n and k = -a * sum(dy) / n. The mean is a number of
 // the compute type (float for float32 and float16 data), so x - mean is exact where it matters.
 // For tensors whose a * invstd stays well inside the range (grad_train_in_range).
-template <class T>
-struct GradTrainMap : GradInputs<T> {
-  using GradInputs<T>::dy;
-  using GradInputs<T>::x;
+template <class T, bool Relu = false>
+struct GradTrainMap : GradInputs<T, Relu> {
+  using GradInputs<T, Relu>::dy;
+  using GradInputs<T, Relu>::x;
+  using GradInputs<T, Relu>::mask;
   using C = Compute<T>;
   static constexpr int kCoefs = 4;  // a, mean, b, k
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = 2;
+  static constexpr int kInputs = Relu ? 3 : 2;
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
-    return k[0] * load_compute(dy + off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
+    return k[0] * mask.vec(dy, off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
   }
   C one(int64_t off, const C* k) const {
-    return k[0] * widen(dy[off]) + k[2] * (widen(x[off]) - k[1]) + k[3];
+    return k[0] * mask.one(dy, off) + k[2] * (widen(x[off]) - k[1]) + k[3];
   }
 };
 
@@ -107,52 +138,66 @@ struct GradTrainMap : GradInputs<T> {
 // k = sum(dy) / n and g = invstd * sum(dy * (x - mean)) / n: every intermediate is of the order of
 // dy or of the normalized x, where b above leaves the range (spreads of 1e16 in float32, 1e146 in
 // float64). One more coefficient per element.
-template <class T>
-struct GradTrainWideMap : GradInputs<T> {
-  using GradInputs<T>::dy;
-  using GradInputs<T>::x;
+template <class T, bool Relu = false>
+struct GradTrainWideMap : GradInputs<T, Relu> {
+  using GradInputs<T, Relu>::dy;
+  using GradInputs<T, Relu>::x;
+  using GradInputs<T, Relu>::mask;
   using C = Compute<T>;
   static constexpr int kCoefs = 5;  // a, mean, invstd, g, k
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = 2;
+  static constexpr int kInputs = Relu ? 3 : 2;
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
     const Vec<T> normalized = (load_compute(x + off) - k[1]) * k[2];
-    return k[0] * ((load_compute(dy + off) - k[4]) - normalized * k[3]);
+    return k[0] * ((mask.vec(dy, off) - k[4]) - normalized * k[3]);
   }
   C one(int64_t off, const C* k) const {
     const C normalized = (widen(x[off]) - k[1]) * k[2];
-    return k[0] * ((widen(dy[off]) - k[4]) - normalized * k[3]);
+    return k[0] * ((mask.one(dy, off) - k[4]) - normalized * k[3]);
   }
 };
 
 // Backward, inference: dx = a * dy (the statistics are constants).
-template <class T>
+template <class T, bool Relu = false>
 struct GradEvalMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 1;
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = 1;
+  static constexpr int kInputs = Relu ? 2 : 1;
   const T* dy;
   T* out;
-  void prefetch(int64_t off, int64_t count) const { prefetch_piece(dy + off, count); }
-  Vec<T> vec(int64_t off, const Vec<T>* k) const { return k[0] * load_compute(dy + off); }
-  C one(int64_t off, const C* k) const { return k[0] * widen(dy[off]); }
+  MaskedDy<T, Relu> mask;
+  void prefetch(int64_t off, int64_t count) const {
+    prefetch_piece(dy + off, count);
+    mask.prefetch(off, count);
+  }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const { return k[0] * mask.vec(dy, off); }
+  C one(int64_t off, const C* k) const { return k[0] * mask.one(dy, off); }
 };
 
 // Inference with statistics near zero: y = x * scale + offset, PyTorch's form, a third of the
 // arithmetic of the split-mean form and as accurate while |mean| * invstd is small
 // (kAffineMaxMeanOverStd).
-template <class T>
+template <class T, bool Residual = false, bool Relu = false>
 struct AffineMap {
   using C = Compute<T>;
+  using Epi = FwdEpilogue<T, Residual, Relu>;
   static constexpr int kCoefs = 2;  // scale, offset
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = 1;
+  static constexpr int kInputs = 1 + Epi::kInputs;
   const T* x;
   T* out;
-  void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
-  Vec<T> vec(int64_t off, const Vec<T>* k) const { return load_compute(x + off) * k[0] + k[1]; }
-  C one(int64_t off, const C* k) const { return widen(x[off]) * k[0] + k[1]; }
+  const T* residual = nullptr;
+  void prefetch(int64_t off, int64_t count) const {
+    prefetch_piece(x + off, count);
+    Epi::prefetch(residual, off, count);
+  }
+  Vec<T> vec(int64_t off, const Vec<T>* k) const {
+    return Epi::vec(load_compute(x + off) * k[0] + k[1], residual, off);
+  }
+  C one(int64_t off, const C* k) const {
+    return Epi::one(widen(x[off]) * k[0] + k[1], residual, off);
+  }
 };
 
 // No apply: for the schedules of operations that only reduce.

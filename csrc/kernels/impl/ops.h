@@ -11,11 +11,22 @@ namespace bnc {
 namespace BNC_ISA {
 namespace {
 
-template <class T, class P>
-int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bias, double eps,
-                      double momentum, P* running_mean, P* running_var, P* save_mean,
-                      P* save_invstd, int num_threads) {
-  constexpr int K = NormalizeMap<T>::kCoefs;
+// Calls f with the forward map M<T, residual?, relu?> of the epilogue.
+template <template <class, bool, bool> class M, class T, class F>
+int64_t with_forward_map(const T* x, T* y, ForwardEpilogue<T> e, F&& f) {
+  if (e.residual) {
+    if (e.relu) return f(M<T, true, true>{x, y, e.residual});
+    return f(M<T, true, false>{x, y, e.residual});
+  }
+  if (e.relu) return f(M<T, false, true>{x, y, nullptr});
+  return f(M<T, false, false>{x, y, nullptr});
+}
+
+template <class T, class P, class Map>
+int64_t forward_train_with(const Map& map, const T* x, Geometry g, const P* weight, const P* bias,
+                           double eps, double momentum, P* running_mean, P* running_var,
+                           P* save_mean, P* save_invstd, int num_threads) {
+  constexpr int K = Map::kCoefs;
   const Plan p = make_plan(g, sizeof(T));
   const int threads = threads_for(p, sizeof(T), num_threads);
   ApplyState<T, K> st;
@@ -56,8 +67,18 @@ int64_t forward_train(const T* x, T* y, Geometry g, const P* weight, const P* bi
     if (skips) __atomic_fetch_add(&skipped, skips, __ATOMIC_RELAXED);
     return true;
   };
-  run_schedule(p, terms, ChoosePivots<T>{x, g}, finalize, NormalizeMap<T>{x, y}, st, threads);
+  run_schedule(p, terms, ChoosePivots<T>{x, g}, finalize, map, st, threads);
   return skipped;
+}
+
+template <class T, class P>
+int64_t forward_train(const T* x, T* y, ForwardEpilogue<T> epilogue, Geometry g, const P* weight,
+                      const P* bias, double eps, double momentum, P* running_mean,
+                      P* running_var, P* save_mean, P* save_invstd, int num_threads) {
+  return with_forward_map<NormalizeMap>(x, y, epilogue, [&](const auto& map) {
+    return forward_train_with(map, x, g, weight, bias, eps, momentum, running_mean, running_var,
+                              save_mean, save_invstd, num_threads);
+  });
 }
 
 // Statistics alone: the training forward's reduce and moments, nothing applied. m2 = n * var.
@@ -84,9 +105,9 @@ int64_t stats(const T* x, Geometry g, double* mean, double* m2, int num_threads)
 }
 
 template <class T, class P>
-int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bias,
-                     const P* running_mean, const P* running_var, double eps, P* save_mean,
-                     P* save_invstd, int num_threads) {
+int64_t forward_eval(const T* x, T* y, ForwardEpilogue<T> epilogue, Geometry g, const P* weight,
+                     const P* bias, const P* running_mean, const P* running_var, double eps,
+                     P* save_mean, P* save_invstd, int num_threads) {
   using C = Compute<T>;
   bool affine = true;
   for (int64_t c = 0; c < g.channels; ++c) {
@@ -97,16 +118,20 @@ int64_t forward_eval(const T* x, T* y, Geometry g, const P* weight, const P* bia
     affine = affine && __builtin_fabs(m) * invstd <= kAffineMaxMeanOverStd;  // false for NaN
   }
   if (affine) {
-    return apply_everywhere<T>(g, AffineMap<T>{x, y}, [&](int64_t c, C* const* k, int64_t j) {
-      const double scale = bn_scale(static_cast<double>(save_invstd[c]), weight, c);
-      k[0][j] = static_cast<C>(scale);
-      k[1][j] = static_cast<C>(bn_shift(bias, c) - static_cast<double>(running_mean[c]) * scale);
-    }, num_threads);
+    return with_forward_map<AffineMap>(x, y, epilogue, [&](const auto& map) {
+      return apply_everywhere<T>(g, map, [&](int64_t c, C* const* k, int64_t j) {
+        const double scale = bn_scale(static_cast<double>(save_invstd[c]), weight, c);
+        k[0][j] = static_cast<C>(scale);
+        k[1][j] = static_cast<C>(bn_shift(bias, c) - static_cast<double>(running_mean[c]) * scale);
+      }, num_threads);
+    });
   }
-  return apply_everywhere<T>(g, NormalizeMap<T>{x, y}, [&](int64_t c, C* const* k, int64_t j) {
-    set_batch_norm(k, j, static_cast<double>(running_mean[c]),
-                   static_cast<double>(save_invstd[c]), weight, bias, c);
-  }, num_threads);
+  return with_forward_map<NormalizeMap>(x, y, epilogue, [&](const auto& map) {
+    return apply_everywhere<T>(g, map, [&](int64_t c, C* const* k, int64_t j) {
+      set_batch_norm(k, j, static_cast<double>(running_mean[c]),
+                     static_cast<double>(save_invstd[c]), weight, bias, c);
+    }, num_threads);
+  });
 }
 
 // Apply with given statistics: y = (x - mean) * invstd * weight + bias, the training forward's map
@@ -146,10 +171,10 @@ int64_t backward_reduce(const T* dy, const T* x, Geometry g, const double* mean,
   return 0;
 }
 
-template <class T, class P, class Map>
-int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const P* save_mean,
-                      const P* save_invstd, const P* weight, P* grad_weight, P* grad_bias,
-                      int num_threads) {
+template <class T, class P, class Map, bool Relu>
+int64_t backward_with(const Map& map, const MaskedDy<T, Relu>& mask, const T* dy, const T* x,
+                      Geometry g, const P* save_mean, const P* save_invstd, const P* weight,
+                      P* grad_weight, P* grad_bias, int num_threads) {
   using C = Compute<T>;
   constexpr int K = Map::kCoefs;
   const Plan p = make_plan(g, sizeof(T));
@@ -165,7 +190,7 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
       const double w = weight ? static_cast<double>(weight[c]) : 1.0;
       grad_bias[c] = static_cast<P>(sum_dy);
       grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
-      if constexpr (Map::kInputs == 2)
+      if constexpr (Map::kCoefs > 1)  // training (the eval map has one coefficient)
         set_grad_coefs<Map>(r.coefs, j, r.shifts[j], invstd, w, sum_dy, sum_dy_xmu, n);
       else
         r.coefs[0][j] = static_cast<C>(invstd * w);
@@ -173,22 +198,35 @@ int64_t backward_with(const Map& map, const T* dy, const T* x, Geometry g, const
     return true;  // the shift is the saved mean: no outlier pivot to move away from
   };
   // The shifts are exact: the saved mean is a P <= C number.
-  run_schedule(p, GradTerms<T>{dy, x}, MeanShifts<T, P>{save_mean}, finalize, map, st, threads);
+  run_schedule(p, GradTerms<T, Relu>{dy, x, mask}, MeanShifts<T, P>{save_mean}, finalize, map, st,
+               threads);
   return 0;
 }
 
-template <class T, class P>
-int64_t backward(const T* dy, const T* x, T* dx, Geometry g, const P* save_mean,
-                 const P* save_invstd, const P* weight, bool training, P* grad_weight,
-                 P* grad_bias, int num_threads) {
+template <class T, class P, bool Relu>
+int64_t backward_masked(const T* dy, const T* x, T* dx, MaskedDy<T, Relu> mask, Geometry g,
+                        const P* save_mean, const P* save_invstd, const P* weight, bool training,
+                        P* grad_weight, P* grad_bias, int num_threads) {
   if (training && grad_train_in_range<Compute<T>>(save_invstd, weight, g.channels))
-    return backward_with(GradTrainMap<T>{dy, x, dx}, dy, x, g, save_mean, save_invstd, weight,
-                         grad_weight, grad_bias, num_threads);
+    return backward_with(GradTrainMap<T, Relu>{{dy, x, dx, mask}}, mask, dy, x, g, save_mean,
+                         save_invstd, weight, grad_weight, grad_bias, num_threads);
   if (training)
-    return backward_with(GradTrainWideMap<T>{dy, x, dx}, dy, x, g, save_mean, save_invstd,
-                         weight, grad_weight, grad_bias, num_threads);
-  return backward_with(GradEvalMap<T>{dy, dx}, dy, x, g, save_mean, save_invstd, weight,
-                       grad_weight, grad_bias, num_threads);
+    return backward_with(GradTrainWideMap<T, Relu>{{dy, x, dx, mask}}, mask, dy, x, g,
+                         save_mean, save_invstd, weight, grad_weight, grad_bias, num_threads);
+  return backward_with(GradEvalMap<T, Relu>{dy, dx, mask}, mask, dy, x, g, save_mean,
+                       save_invstd, weight, grad_weight, grad_bias, num_threads);
+}
+
+template <class T, class P>
+int64_t backward(const T* dy, const T* x, T* dx, BackwardEpilogue<T> epilogue, Geometry g,
+                 const P* save_mean, const P* save_invstd, const P* weight, bool training,
+                 P* grad_weight, P* grad_bias, int num_threads) {
+  if (epilogue.y)
+    return backward_masked(dy, x, dx, MaskedDy<T, true>{epilogue.y, epilogue.grad_residual}, g,
+                           save_mean, save_invstd, weight, training, grad_weight, grad_bias,
+                           num_threads);
+  return backward_masked(dy, x, dx, MaskedDy<T, false>{nullptr, nullptr}, g, save_mean,
+                         save_invstd, weight, training, grad_weight, grad_bias, num_threads);
 }
 
 // Backward apply with given sums (over every part of a batch of `count` elements per channel).
@@ -209,10 +247,10 @@ int64_t backward_elemt(const T* dy, const T* x, T* dx, Geometry g, const double*
                        const double* sum_dy_xmu, double count, int num_threads) {
   // The same choice of map as the fused backward's, so that both give the same bits.
   if (grad_train_in_range<Compute<T>>(invstd, weight, g.channels))
-    return backward_elemt_with<GradTrainMap<T>, T>(GradTrainMap<T>{dy, x, dx}, g, mean, invstd,
+    return backward_elemt_with<GradTrainMap<T>, T>(GradTrainMap<T>{{dy, x, dx, {}}}, g, mean, invstd,
                                                    weight, sum_dy, sum_dy_xmu, count,
                                                    num_threads);
-  return backward_elemt_with<GradTrainWideMap<T>, T>(GradTrainWideMap<T>{dy, x, dx}, g, mean,
+  return backward_elemt_with<GradTrainWideMap<T>, T>(GradTrainWideMap<T>{{dy, x, dx, {}}}, g, mean,
                                                      invstd, weight, sum_dy, sum_dy_xmu, count,
                                                      num_threads);
 }

@@ -41,33 +41,83 @@ struct MomentTerms {
   }
 };
 
-// Backward statistics: sums of dy and dy * (x - mean).
-template <class T>
+// dy, masked by y > 0 when the forward ended in a ReLU (BackwardEpilogue; a NaN y masks), and
+// written to grad_residual when asked (exact: the masked dy is dy or 0).
+template <class T, bool Relu>
+struct MaskedDy {
+  const T* y;
+  T* grad_residual;
+  Vec<T> vec(const T* dy, int64_t off) const {
+    Vec<T> g = load_compute(dy + off);
+    if constexpr (Relu) {
+      g = load_compute(y + off) > Compute<T>(0) ? g : Vec<T>{};
+      if (grad_residual) store_compute(grad_residual + off, g);
+    }
+    return g;
+  }
+  Compute<T> one(const T* dy, int64_t off) const {
+    Compute<T> g = widen(dy[off]);
+    if constexpr (Relu) {
+      g = widen(y[off]) > Compute<T>(0) ? g : Compute<T>(0);
+      if (grad_residual) grad_residual[off] = narrow<T>(g);
+    }
+    return g;
+  }
+  // For the sums (nothing stored): in the compute type, and in double (exact widenings).
+  Vec<T> sum_vec(const T* dy, int64_t off) const {
+    const Vec<T> g = load_compute(dy + off);
+    if constexpr (Relu) return load_compute(y + off) > Compute<T>(0) ? g : Vec<T>{};
+    return g;
+  }
+  Compute<T> sum_one(const T* dy, int64_t off) const {
+    const Compute<T> g = widen(dy[off]);
+    if constexpr (Relu) return widen(y[off]) > Compute<T>(0) ? g : Compute<T>(0);
+    return g;
+  }
+  vd vec_d(const T* dy, int64_t off) const {
+    vd g = load_vd(dy + off);
+    if constexpr (Relu) g = load_vd(y + off) > 0.0 ? g : vd{};
+    return g;
+  }
+  double one_d(const T* dy, int64_t off) const {
+    double g = static_cast<double>(widen(dy[off]));
+    if constexpr (Relu) g = widen(y[off]) > Compute<T>(0) ? g : 0.0;
+    return g;
+  }
+  void prefetch(int64_t off, int64_t count) const {
+    if constexpr (Relu) prefetch_piece(y + off, count);
+  }
+};
+
+// Backward statistics: sums of dy and dy * (x - mean) (dy masked by the ReLU when Relu).
+template <class T, bool Relu = false>
 struct GradTerms {
   static constexpr bool kSquares = false;
   const T* dy;
   const T* x;
+  MaskedDy<T, Relu> mask{};
   void prefetch(int64_t off, int64_t count) const {
     prefetch_piece(dy + off, count);
     prefetch_piece(x + off, count);
+    mask.prefetch(off, count);
   }
   void vec(int64_t off, vd mean, vd& a, vd& b) const {
-    const vd g = load_vd(dy + off);
+    const vd g = mask.vec_d(dy, off);
     a += g;
     b += g * (load_vd(x + off) - mean);
   }
   void one(int64_t off, double mean, double& a, double& b) const {
-    const double g = static_cast<double>(widen(dy[off]));
+    const double g = mask.one_d(dy, off);
     a += g;
     b += g * (static_cast<double>(widen(x[off])) - mean);
   }
   void vec_f(int64_t off, vf mean, vf& a, vf& b) const {
-    const vf g = load_compute(dy + off);
+    const vf g = mask.sum_vec(dy, off);
     a += g;
     b += g * (load_compute(x + off) - mean);
   }
   void one_f(int64_t off, float mean, float& a, float& b) const {
-    const float g = static_cast<float>(widen(dy[off]));
+    const float g = static_cast<float>(mask.sum_one(dy, off));
     a += g;
     b += g * (static_cast<float>(widen(x[off])) - mean);
   }
