@@ -301,10 +301,23 @@ def test_gradcheck_float64_eager_and_custom_op():
                 lambda x, w, b: bt.batch_norm(x, rm.clone(), rv.clone(), w, b, training),
                 (inp, w, b))
             assert torch.autograd.gradcheck(
-                lambda x, w, b: torch.ops.bnc.batch_norm(x, w, b, rm, rv, training, 1e-5)[0],
+                lambda x, w, b: torch.ops.bnc.batch_norm(x, w, b, rm, rv, training, 1e-5, None,
+                                                         False)[0],
                 (inp, w, b))
+            # the fused epilogue, differentiable in the residual too
+            r = (0.5 * torch.randn(inp.shape, dtype=torch.float64, generator=g)).requires_grad_()
+            assert torch.autograd.gradcheck(
+                lambda x, w, b, r: bt.batch_norm(x, rm.clone(), rv.clone(), w, b, training,
+                                                 residual=r, activation="relu"),
+                (inp, w, b, r))
+            assert torch.autograd.gradcheck(
+                lambda x, w, b, r: torch.ops.bnc.batch_norm(x, w, b, rm, rv, training, 1e-5, r,
+                                                            True)[0],
+                (inp, w, b, r))
     for training in (True, False):
-        torch.library.opcheck(torch.ops.bnc.batch_norm.default, (x, w, b, rm, rv, training, 1e-5))
+        for fused in ((None, False), (x.detach() * 0.5, True)):
+            torch.library.opcheck(torch.ops.bnc.batch_norm.default,
+                                  (x, w, b, rm, rv, training, 1e-5, *fused))
     torch.library.opcheck(torch.ops.bnc.update_running_stats_.default,
                           (rm.clone(), rv.clone(), rm, rv, 0.1, None))
 
@@ -356,3 +369,68 @@ def test_warnings_do_not_leak():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bt.BatchNorm2d(3)(torch.randn(2, 3, 4, 4)).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_relu_and_residual_match_the_torch_composite(dtype, layout, train):
+    shape = (6, 5, 4, 3)
+    ref, _ = module_pair(shape, {}, dtype)  # torch's in float64, on the same numbers
+    ours = bt.BatchNorm2d(5, activation="relu").to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    ref.train(train)
+    ours.train(train)
+    x = make_input(shape, layout, dtype)
+    r = make_input(shape, "contiguous", dtype, seed=9) - 3  # the other layout: copied once
+    dy = make_input(shape, layout, dtype, seed=8)
+    leaves = [[t.detach().to(torch.float64, copy=True).requires_grad_() for t in (x, r)],
+              [t.detach().clone().requires_grad_() for t in (x, r)]]
+    y_ref = torch.relu(ref(leaves[0][0]) + leaves[0][1])
+    y = ours(leaves[1][0], leaves[1][1])
+    tol = dict(rtol=2e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref.to(dtype), **tol)
+    y_ref.backward(dy.to(torch.float64))
+    y.backward(dy)
+    for a, b, what in ((leaves[1][0].grad, leaves[0][0].grad, "dx"),
+                       (leaves[1][1].grad, leaves[0][1].grad, "d residual"),
+                       (ours.weight.grad, ref.weight.grad, "d weight"),
+                       (ours.bias.grad, ref.bias.grad, "d bias"),
+                       (ours.running_var, ref.running_var, "running_var")):
+        torch.testing.assert_close(a, b.to(a.dtype), **tol, msg=lambda m, what=what: f"{what}: {m}")
+
+
+def test_convert_fuses_batchnorm_relu_in_sequential():
+    torch.manual_seed(0)
+    model = nn_model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    import copy
+
+    ref = copy.deepcopy(nn_model)
+    keys = list(model.state_dict())
+    model = bt.convert_batchnorm(model, fuse_relu=True)
+    assert model[1].activation == "relu" and type(model[2]) is torch.nn.Identity
+    assert model[4].activation is None and list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 9, 9)
+    out, out_ref = model(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    out_ref.sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="activation: expected None or 'relu'"):
+        bt.BatchNorm1d(3, activation="gelu")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torch_compile_fused_module():
+    torch._dynamo.reset()
+    m = bt.BatchNorm2d(4, activation="relu")
+    compiled = torch.compile(lambda x, r: m(x, r), fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    r = torch.randn(3, 4, 5, 5, requires_grad=True)
+    y = compiled(x, r)
+    ref = bt.BatchNorm2d(4)
+    torch.testing.assert_close(y, torch.relu(ref(x) + r), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert r.grad is not None and torch.equal(r.grad, (y > 0).float())

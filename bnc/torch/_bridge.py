@@ -147,9 +147,12 @@ def forward(
     training: bool,
     momentum: float,
     eps: float,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, save_mean, save_invstd. Training with running statistics updates them in place (as
-    torch does); float16 running statistics go through float32 and are rounded back."""
+    """y, save_mean, save_invstd, y = relu?(BN(input) + residual?) (the fused epilogue: residual
+    in input's layout, copied once if not). Training with running statistics updates them in place
+    (as torch does); float16 running statistics go through float32 and are rounded back."""
     last = channels_last(input)
     pdtype = param_dtype(input.dtype)
     y, y_array = empty_output(input, last)
@@ -157,6 +160,8 @@ def forward(
     _, save_mean, save_invstd = bnc.batch_norm_forward(
         kernel_view(input, last), _vector(weight, pdtype), _vector(bias, pdtype), rm, rv,
         training=training, momentum=momentum, eps=eps, axis=-1 if last else 1, out=y_array,
+        residual=None if residual is None else kernel_view(residual.to(input.dtype), last),
+        activation="relu" if relu else None,
     )
     if training:  # running statistics that were copied (float16, strided) are written back
         for buffer, array in ((running_mean, rm), (running_var, rv)):
@@ -173,22 +178,45 @@ def backward(
     save_invstd: torch.Tensor,
     training: bool,
     input_grad: bool,
-) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(grad_input or None, grad_weight, grad_bias); the weight and bias gradients in the
-    statistics' dtype (float32 for float16 input). With input_grad False only the two sums are
-    computed (batch_norm_backward_reduce)."""
+    y: Optional[torch.Tensor] = None,
+    residual_grad: bool = False,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(grad_input or None, grad_weight, grad_bias, grad_residual or None); the weight and bias
+    gradients in the statistics' dtype (float32 for float16 input). With y (the output of a
+    forward with relu) grad_out is masked by y > 0 in the same pass, and grad_residual (asked
+    with residual_grad) is the masked grad_out; without y it is grad_out itself. With input_grad
+    and residual_grad False and no y only the two sums are computed."""
     last = channels_last(input)
     axis = -1 if last else 1
     pdtype = param_dtype(input.dtype)
     x = kernel_view(input, last)
-    dy = kernel_view(grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype), last)
+    grad_out = grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype)
+    dy = kernel_view(grad_out, last)
     mean, invstd = save_mean.detach().numpy(), save_invstd.detach().numpy()
+    if y is not None:
+        dx, dx_array = empty_output(input, last)
+        _, grad_weight, grad_bias, *grad_residual = bnc.batch_norm_backward(
+            dy, x, mean, invstd, _vector(weight, pdtype), training=training, axis=axis,
+            out=dx_array, activation="relu", y=kernel_view(y, last),
+            return_residual_grad=residual_grad)
+        return (dx if input_grad else None, torch.from_numpy(grad_weight),
+                torch.from_numpy(grad_bias),
+                _as_tensor(grad_residual[0], last, input.dtype) if residual_grad else None)
+    residual = grad_out if residual_grad else None
     if not input_grad:
         sum_dy, sum_dy_xmu = bnc.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
         grad_weight = torch.from_numpy(sum_dy_xmu * invstd.astype(np.float64)).to(pdtype)
-        return None, grad_weight, torch.from_numpy(sum_dy).to(pdtype)
+        return None, grad_weight, torch.from_numpy(sum_dy).to(pdtype), residual
     dx, dx_array = empty_output(input, last)
     _, grad_weight, grad_bias = bnc.batch_norm_backward(
         dy, x, mean, invstd, _vector(weight, pdtype), training=training, axis=axis, out=dx_array,
     )
-    return dx, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
+    return dx, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias), residual
+
+
+def _as_tensor(array: np.ndarray, last: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A kernel-layout NumPy array as a tensor of the logical (N, C, ...) shape."""
+    t = torch.from_numpy(array.view(np.uint16) if dtype == torch.bfloat16 else array)
+    if dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1)) if last else t

@@ -2,10 +2,13 @@
 ops with fake kernels and a registered autograd formula, and the running-statistics update as a
 separate mutating op (an op that mutates cannot carry an autograd formula).
 
-    bnc::batch_norm(input, weight, bias, running_mean, running_var, training, eps)
-        -> (y, save_mean, save_invstd, batch_var)   # batch_var: unbiased, training only
-    bnc::batch_norm_backward(grad_out, input, weight, save_mean, save_invstd, training, input_grad)
-        -> (grad_input, grad_weight, grad_bias)    # grad_input empty unless input_grad
+    bnc::batch_norm(input, weight, bias, running_mean, running_var, training, eps, residual,
+                    relu)
+        -> (y, save_mean, save_invstd, batch_var)   # batch_var: unbiased, training only;
+                                                    # y = relu?(BN(input) + residual?)
+    bnc::batch_norm_backward(grad_out, input, weight, save_mean, save_invstd, training, input_grad,
+                             y, residual_grad)
+        -> (grad_input, grad_weight, grad_bias, grad_residual)  # empty unless asked; y: relu's
     bnc::update_running_stats_(running_mean!, running_var!, batch_mean, batch_var, momentum,
                                num_batches_tracked)  # momentum from num_batches_tracked if given
 
@@ -36,10 +39,12 @@ def batch_norm(
     running_var: Optional[Tensor],
     training: bool,
     eps: float,
+    residual: Optional[Tensor],
+    relu: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if not training:
         y, mean, invstd = _bridge.forward(input, weight, bias, running_mean, running_var, False,
-                                          0.0, eps)
+                                          0.0, eps, residual, relu)
         return y, mean, invstd, _stats_like(input, 0)
     # Momentum 1 into zeroed statistics: the kernel's own running-statistics step leaves there
     # the batch mean and unbiased variance, at no extra pass. A channel whose statistics are not
@@ -47,7 +52,8 @@ def batch_norm(
     channels = input.shape[1]
     mean_out = torch.zeros(channels, dtype=_bridge.param_dtype(input.dtype))
     var_out = torch.zeros_like(mean_out)
-    y, mean, invstd = _bridge.forward(input, weight, bias, mean_out, var_out, True, 1.0, eps)
+    y, mean, invstd = _bridge.forward(input, weight, bias, mean_out, var_out, True, 1.0, eps,
+                                      residual, relu)
     skipped = ~(torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0))
     if bool(skipped.any()):
         var_out[skipped] = float("nan")
@@ -55,7 +61,7 @@ def batch_norm(
 
 
 @batch_norm.register_fake
-def _(input, weight, bias, running_mean, running_var, training, eps):
+def _(input, weight, bias, running_mean, running_var, training, eps, residual, relu):
     last = _bridge.channels_last(input)
     y = torch.empty_like(input, memory_format=_bridge.memory_format(last, input.dim()))
     channels = input.shape[1]
@@ -72,44 +78,55 @@ def batch_norm_backward(
     save_invstd: Tensor,
     training: bool,
     input_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, grad_weight, grad_bias = _bridge.backward(grad_out, input, weight, save_mean, save_invstd,
-                                                  training, input_grad)
+    y: Optional[Tensor],
+    residual_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
+        grad_out, input, weight, save_mean, save_invstd, training, input_grad, y, residual_grad)
     if dx is None:
         dx = input.new_empty(0)
-    return dx, grad_weight, grad_bias
+    if grad_residual is None:
+        grad_residual = input.new_empty(0)
+    elif grad_residual is grad_out:  # an output may not alias an input
+        grad_residual = grad_out.clone()
+    return dx, grad_weight, grad_bias, grad_residual
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, input, weight, save_mean, save_invstd, training, input_grad):
-    if input_grad:
-        last = _bridge.channels_last(input)
-        dx = torch.empty_like(input, memory_format=_bridge.memory_format(last, input.dim()))
-    else:
-        dx = input.new_empty(0)
+def _(grad_out, input, weight, save_mean, save_invstd, training, input_grad, y, residual_grad):
+    last = _bridge.channels_last(input)
+
+    def like_input(asked):
+        if not asked:
+            return input.new_empty(0)
+        return torch.empty_like(input, memory_format=_bridge.memory_format(last, input.dim()))
     channels = input.shape[1]
-    return dx, _stats_like(input, channels), _stats_like(input, channels)
+    return (like_input(input_grad), _stats_like(input, channels), _stats_like(input, channels),
+            like_input(residual_grad))
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, _, _, training, _ = inputs
-    _, mean, invstd, _ = output
-    ctx.save_for_backward(input, weight, mean, invstd)
+    input, weight, bias, _, _, training, _, residual, relu = inputs
+    y, mean, invstd, _ = output
+    ctx.save_for_backward(input, weight, mean, invstd, y if relu else None)
     ctx.training = training
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
-    input, weight, mean, invstd = ctx.saved_tensors
+    input, weight, mean, invstd, y = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    if grad_y is None or not (need_input or need_weight or need_bias):
-        return None, None, None, None, None, None, None
-    dx, grad_weight, grad_bias = torch.ops.bnc.batch_norm_backward(
-        grad_y, input, weight, mean, invstd, ctx.training, need_input)
+    need_residual = ctx.needs_input_grad[7]
+    if grad_y is None or not (need_input or need_weight or need_bias or need_residual):
+        return None, None, None, None, None, None, None, None, None
+    dx, grad_weight, grad_bias, grad_residual = torch.ops.bnc.batch_norm_backward(
+        grad_y, input, weight, mean, invstd, ctx.training, need_input, y, need_residual)
     return (dx if need_input else None,
             grad_weight.to(weight.dtype) if need_weight else None,
             grad_bias.to(ctx.bias_dtype) if need_bias else None,
-            None, None, None, None)
+            None, None, None, None,
+            grad_residual.to(ctx.residual_dtype) if need_residual else None, None)
 
 
 batch_norm.register_autograd(_backward, setup_context=_setup_context)

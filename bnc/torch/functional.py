@@ -19,25 +19,29 @@ class _BatchNormFunction(torch.autograd.Function):
     batch norm does); the backward is once differentiable."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                residual, relu):
         y, mean, invstd = _bridge.forward(input, weight, bias, running_mean, running_var,
-                                          training, momentum, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
+                                          training, momentum, eps, residual, relu)
+        ctx.save_for_backward(input, weight, mean, invstd, y if relu else None)
         ctx.training = training
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        input, weight, mean, invstd = ctx.saved_tensors
+        input, weight, mean, invstd, y = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dx, grad_weight, grad_bias = _bridge.backward(grad_y, input, weight, mean, invstd,
-                                                      ctx.training, need_input)
+        need_residual = ctx.needs_input_grad[8]
+        dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
+            grad_y, input, weight, mean, invstd, ctx.training, need_input, y, need_residual)
         return (dx if need_input else None,
                 grad_weight.to(weight.dtype) if need_weight else None,
                 grad_bias.to(ctx.bias_dtype) if need_bias else None,
-                None, None, None, None, None)
+                None, None, None, None, None,
+                grad_residual.to(ctx.residual_dtype) if need_residual else None, None)
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -54,34 +58,42 @@ def run(
     momentum: float,
     eps: float,
     num_batches_tracked: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
 ) -> torch.Tensor:
     """batch_norm for the modules too: with num_batches_tracked given, the running statistics'
     momentum is the cumulative average's, 1 / num_batches_tracked (momentum=None)."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    relu = activation == "relu"
     if not _bridge.supported(input, running_mean, running_var, weight, bias) or (
             not training and (running_mean is None or running_var is None)) or (
-            (running_mean is None) != (running_var is None)):
+            (running_mean is None) != (running_var is None)) or (
+            residual is not None and (residual.shape != input.shape or not residual.is_cpu)):
         # torch's own: other devices and dtypes, and its errors for what it refuses
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
     if training:
         _bridge.check_batch(input)
     if torch.compiler.is_compiling():
         y, mean, _, var = torch.ops.bnc.batch_norm(
             input, weight, bias, None if training else running_mean,
-            None if training else running_var, training, eps)
+            None if training else running_var, training, eps, residual, relu)
         if training and running_mean is not None:
             torch.ops.bnc.update_running_stats_(running_mean, running_var, mean, var, momentum,
                                                 num_batches_tracked)
         return y
     if num_batches_tracked is not None:
         momentum = 1.0 / float(num_batches_tracked)
-    if not _needs_grad(input, weight, bias):
+    if not _needs_grad(input, weight, bias, residual):
         return _bridge.forward(input, weight, bias, running_mean, running_var, training,
-                               momentum, eps)[0]
+                               momentum, eps, residual, relu)[0]
     return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
-                                    momentum, eps)
+                                    momentum, eps, residual, relu)
 
 
 def batch_norm(
@@ -93,15 +105,22 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
 ) -> torch.Tensor:
     """torch.nn.functional.batch_norm, computed by bnc on CPU tensors (float32, float64, float16
     with float32 or float16 parameters; 2-D to 5-D; contiguous or channels-last, other strides
     copied once). Differentiable in input, weight and bias (once: a second derivative raises);
     traceable by torch.compile with no graph break. Other devices and dtypes run torch's own.
 
+    Beyond F.batch_norm: ``residual`` (input's shape) is added and ``activation="relu"`` applied
+    in the same pass, y = relu(BN(input) + residual), differentiable in residual too.
+
     Beyond torch: a channel whose batch statistics are not finite leaves its running statistics
     unchanged (with a RuntimeWarning), as in bnc.batch_norm_forward."""
-    return run(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return run(input, running_mean, running_var, weight, bias, training, momentum, eps,
+               residual=residual, activation=activation)
 
 
 __all__ = ["batch_norm"]

@@ -10,9 +10,23 @@ from . import functional
 
 
 class _BncBatchNorm:
-    """The forward of torch's _BatchNorm, step for step, with bnc's batch norm."""
+    """The forward of torch's _BatchNorm, step for step, with bnc's batch norm; and the fused
+    epilogue: `activation="relu"` (a keyword beyond torch's constructor) and forward(input,
+    residual) give relu(BN(input) + residual) in one pass."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    activation = None  # (a class attribute: modules converted from torch's have none)
+
+    def __init__(self, *args, activation=None, **kwargs):
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + (f", activation={self.activation!r}" if self.activation else "")
+
+    def forward(self, input: torch.Tensor, residual=None) -> torch.Tensor:
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         cumulative = None
@@ -32,6 +46,8 @@ class _BncBatchNorm:
             momentum,
             self.eps,
             cumulative,
+            residual=residual,
+            activation=self.activation,
         )
 
 
@@ -65,15 +81,24 @@ def _converted(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+def convert_batchnorm(module: torch.nn.Module, fuse_relu: bool = False) -> torch.nn.Module:
     """Replaces every torch.nn.BatchNorm1d/2d/3d in `module` (itself included, recursively) by
     bnc's, sharing the same parameter and buffer tensors, so that an optimizer that holds them
     keeps working. Submodules are replaced in their parents; returns the module (a new one when
-    `module` itself is a batch norm). Subclasses of torch's batch norms are left alone."""
+    `module` itself is a batch norm). Subclasses of torch's batch norms are left alone.
+
+    fuse_relu: inside an nn.Sequential, a batch norm directly followed by an nn.ReLU becomes
+    bnc's with activation="relu", and the ReLU an nn.Identity (the indices stay)."""
     if type(module) in _REPLACEMENTS:
         return _converted(module)
-    for name, child in module.named_children():
-        new = convert_batchnorm(child)
+    children = list(module.named_children())
+    for index, (name, child) in enumerate(children):
+        new = convert_batchnorm(child, fuse_relu)
         if new is not child:
             setattr(module, name, new)
+            if (fuse_relu and isinstance(module, torch.nn.Sequential)
+                    and index + 1 < len(children)
+                    and type(children[index + 1][1]) is torch.nn.ReLU):
+                new.activation = "relu"
+                setattr(module, children[index + 1][0], torch.nn.Identity())
     return module
