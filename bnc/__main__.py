@@ -88,6 +88,10 @@ def demo() -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "stack"]:
+        from . import bench_stack  # noqa: PLC0415
+
+        return bench_stack.main(argv[2:])
     if argv[:2] == ["bench", "sync"]:
         from . import bench_sync  # noqa: PLC0415
 
@@ -101,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return bench.main(argv[1:])
     if argv:
-        print("usage: python -m bnc [bench [torch | sync] [--threads N] [--quick] [--json FILE]]",
+        print("usage: python -m bnc [bench [torch | sync | stack] [options; --help]]",
               file=sys.stderr)
         return 2
     return demo()

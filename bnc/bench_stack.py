@@ -1,0 +1,195 @@
+"""``python -m bnc bench stack``: BatchNorm as a network calls it -- a stack of layers.
+
+Each layer is y = relu(BN(x) + residual) (the residual: the layer's own input, as in a residual
+block's shortcut), or y = relu(BN(x)) without one. A training step runs the stack forward keeping
+every output, then backward from the top, each layer consuming its saved tensors and freeing them;
+an inference pass runs it forward in eval mode, dropping each input once used. Every output is
+allocated by the call, as user code allocates it. Implementations, interleaved, medians:
+
+- bnc: one fused call per layer each way (``batch_norm_forward(..., residual=, activation=)``,
+  ``batch_norm_backward(..., activation="relu", y=, return_residual_grad=)``), NumPy arrays;
+- torch: eager PyTorch with its own ops (``native_batch_norm``, add, relu, ``threshold_backward``,
+  ``native_batch_norm_backward``) on its own tensors;
+- compiled: the same stack through autograd under ``torch.compile`` (Inductor), with
+  ``--compile`` (compiling takes minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+import bnc
+
+LAYERS = 4
+# (name, shape, channel axis, residual)
+CASES = [
+    ("RN50 56x56", (32, 256, 56, 56), 1, False),
+    ("RN50 56x56 +res", (32, 256, 56, 56), 1, True),
+    ("RN50-CL 56x56", (32, 56, 56, 256), -1, False),
+    ("RN50-CL 56x56 +res", (32, 56, 56, 256), -1, True),
+    ("RN50 14x14 +res", (32, 1024, 14, 14), 1, True),
+    ("RN50-CL 14x14 +res", (32, 14, 14, 1024), -1, True),
+    ("MLP", (1024, 4096), 1, False),
+    ("MLP small", (256, 1024), 1, False),
+]
+
+
+def _median(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    for fn in fns.values():
+        fn()
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def _bnc_stack(x0, axis, residual, c):
+    params = [(np.ones(c, np.float32), np.zeros(c, np.float32), np.zeros(c, np.float32),
+               np.ones(c, np.float32)) for _ in range(LAYERS)]
+
+    def train():
+        saved, x = [], x0
+        for w, b, rm, rv in params:
+            y, m, s = bnc.batch_norm_forward(x, w, b, rm, rv, axis=axis,
+                                             residual=x if residual else None,
+                                             activation="relu")
+            saved.append((x, y, m, s, w))
+            x = y
+        dy = np.ones_like(x)
+        while saved:
+            x, y, m, s, w = saved.pop()
+            dx, gw, gb, *gr = bnc.batch_norm_backward(dy, x, m, s, w, axis=axis,
+                                                      activation="relu", y=y,
+                                                      return_residual_grad=residual)
+            if residual:
+                dx += gr[0]
+            dy = dx
+        return dy
+
+    def infer():
+        x = x0
+        for w, b, rm, rv in params:
+            x, _, _ = bnc.batch_norm_forward(x, w, b, rm, rv, training=False, axis=axis,
+                                             residual=x if residual else None,
+                                             activation="relu")
+        return x
+    return train, infer
+
+
+def _torch_stack(torch, x0, axis, residual, c):
+    op = torch.ops.aten
+    x_t = torch.from_numpy(x0)
+    if axis == -1:  # NHWC storage as torch's channels_last (N, C, H, W) view
+        x_t = x_t.permute(0, x_t.dim() - 1, *range(1, x_t.dim() - 1))
+    params = [(torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c))
+              for _ in range(LAYERS)]
+
+    def train():
+        saved, x = [], x_t
+        for w, b, rm, rv in params:
+            t, m, s = op.native_batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)
+            z = t + x if residual else t
+            y = torch.relu(z)
+            saved.append((x, y, m, s, w, rm, rv))
+            x = y
+        dy = torch.ones_like(x)
+        while saved:
+            x, y, m, s, w, rm, rv = saved.pop()
+            g = op.threshold_backward(dy, y, 0)
+            dx, _, _ = op.native_batch_norm_backward(g, x, w, rm, rv, m, s, True, 1e-5,
+                                                     [True, True, True])
+            dy = dx + g if residual else dx
+        return dy
+
+    def infer():
+        x = x_t
+        for w, b, rm, rv in params:
+            t = op.native_batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5)[0]
+            x = torch.relu(t + x if residual else t)
+        return x
+    return train, infer, x_t, params
+
+
+def _compiled_stack(torch, x_t, residual, params):
+    import torch.nn.functional as F
+
+    def stack(x, training):
+        for w, b, rm, rv in params:
+            t = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+            x = torch.relu(t + x if residual else t)
+        return x
+
+    compiled = torch.compile(stack)
+    x_grad = x_t.detach().clone().requires_grad_()
+
+    def train():
+        y = compiled(x_grad, True)
+        y.backward(torch.ones_like(y))
+
+    def infer():
+        with torch.no_grad():
+            return compiled(x_t, False)
+    return train, infer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnc bench stack",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=bnc.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile (Inductor)")
+    parser.add_argument("--filter", default="")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    bnc.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+    print(f"bnc {bnc.__version__} ({bnc.config()['isa']}), torch "
+          f"{torch.__version__ if torch else 'not installed'}, threads {args.threads}, "
+          f"{LAYERS} layers of relu(BN(x) [+ x]), float32")
+    head = "| case | shape | step | bnc ms | torch ms | vs torch |"
+    sep = "|---|---|---|---:|---:|---:|"
+    if args.compile:
+        head += " compiled ms | vs compiled |"
+        sep += "---:|---:|"
+    print(head)
+    print(sep)
+    ratios: Dict[str, List[float]] = {"train": [], "infer": []}
+    for name, shape, axis, residual in CASES:
+        if args.filter not in name:
+            continue
+        x0 = (1 + np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+        c = shape[axis]
+        fns = {"train": {}, "infer": {}}
+        fns["train"]["bnc"], fns["infer"]["bnc"] = _bnc_stack(x0, axis, residual, c)
+        if torch is not None:
+            t_train, t_infer, x_t, params = _torch_stack(torch, x0, axis, residual, c)
+            fns["train"]["torch"], fns["infer"]["torch"] = t_train, t_infer
+            if args.compile:
+                c_train, c_infer = _compiled_stack(torch, x_t, residual, params)
+                fns["train"]["compiled"], fns["infer"]["compiled"] = c_train, c_infer
+        for step in ("train", "infer"):
+            t = _median(fns[step], args.repeats)
+            line = f"| {name} | {'x'.join(map(str, shape))} | {step} | {t['bnc'] * 1e3:.2f} |"
+            if "torch" in t:
+                ratios[step].append(t["torch"] / t["bnc"])
+                line += f" {t['torch'] * 1e3:.2f} | {t['torch'] / t['bnc']:.2f}x |"
+            if "compiled" in t:
+                line += f" {t['compiled'] * 1e3:.2f} | {t['compiled'] / t['bnc']:.2f}x |"
+            print(line, flush=True)
+    for step, values in ratios.items():
+        if values:
+            geo = math.exp(sum(map(math.log, values)) / len(values))
+            print(f"{step}: geometric mean {geo:.2f}x eager torch, slowest {min(values):.2f}x")
+    return 0
