@@ -104,9 +104,9 @@ def test_threads_never_share_a_block(pool_limit):
     def work(seed):
         try:
             for i in range(50):
-                a = POOL.empty((1 << 18,), np.float32)  # 1 MiB
+                a = POOL.empty((1 << 20,), np.float32)  # 4 MiB
                 a.fill(seed * 1000 + i)
-                b = POOL.empty((1 << 18,), np.float32)
+                b = POOL.empty((1 << 20,), np.float32)
                 b.fill(-1)
                 if not (a == seed * 1000 + i).all():
                     errors.append(seed)
