@@ -247,7 +247,7 @@ int64_t apply_everywhere(const Geometry& g, const Map& map, SetCoefs&& set_coefs
   const bool by_blocks = apply_by_blocks<T, K>(g);
   ApplyState<T, K> st;
   if (!st.allocate_apply(g, by_blocks ? threads : 0, by_blocks)) return -1;
-  const bool stream = streaming_output(g, sizeof(T));
+  const bool stream = streaming_apply_output(g, sizeof(T));
   if (by_blocks) {
     const int64_t block = ChunkScratch<T, K>::max_channels(g);
     const int64_t blocks = ceil_div(g.channels, block);

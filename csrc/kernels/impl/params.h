@@ -78,6 +78,10 @@ constexpr int64_t kShortSegmentElems = 64;
 constexpr int64_t kApplyPrefetchBytes = 4096;
 // The reverse sweep prefetches a task whose inputs were read this fraction of L3 ago or longer.
 constexpr int64_t kEvictedL3Fraction = 4;
+// An apply alone (inference forward, elemt, backward_elemt) streams its output only from this
+// many times the stream threshold on (3/4 of L3 by default): it reads its input once, so an output
+// up to there stays in cache for the next layer (docs/tuning.md).
+constexpr int64_t kApplyStreamFactor = 3;
 
 }  // namespace
 }  // namespace BNC_ISA

@@ -113,6 +113,11 @@ inline bool streaming_output(const Geometry& g, int64_t elem_bytes) {
   return g.size() * elem_bytes >= stream_threshold_bytes();
 }
 
+// The same for an apply alone, which reads its input once: kApplyStreamFactor times further.
+inline bool streaming_apply_output(const Geometry& g, int64_t elem_bytes) {
+  return g.size() * elem_bytes >= stream_threshold_bytes() * kApplyStreamFactor;
+}
+
 // Whether the second sweep (unfused) must read its inputs from memory: a group of chunks of every
 // input is as large as L3, so its first-read part is gone by the time it is applied.
 inline bool second_sweep_from_memory(const Plan& p, int64_t elem_bytes, int inputs) {
