@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 import bnc
+
+from .bench import _time_interleaved
 
 LAYERS = 4
 # (name, shape, channel axis, residual)
@@ -40,15 +41,7 @@ CASES = [
 
 
 def _median(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    for fn in fns.values():
-        fn()
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in samples.items()}
+    return _time_interleaved(fns, {name: repeats for name in fns})
 
 
 def _bnc_stack(x0, axis, residual, c):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -21,6 +20,8 @@ from torch import nn
 
 import bnc
 import bnc.torch as bt
+
+from .bench import _time_interleaved
 
 # (name, shape, memory format)
 LAYERS = [
@@ -37,20 +38,7 @@ _CLASSES = {2: (nn.BatchNorm1d, bt.BatchNorm1d), 4: (nn.BatchNorm2d, bt.BatchNor
 
 def _median_interleaved(fns: Dict[str, Callable[[], object]], repeats: int,
                         budget_s: float) -> Dict[str, float]:
-    for fn in fns.values():
-        fn()
-    start = time.perf_counter()
-    for fn in fns.values():
-        fn()
-    round_s = time.perf_counter() - start
-    repeats = max(repeats, min(201, int(budget_s / max(round_s, 1e-9))))
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+    return _time_interleaved(fns, {name: repeats for name in fns}, budget_s)
 
 
 def _layer_calls(shape, fmt):

@@ -148,15 +148,7 @@ class _BatchNorm:
         x = self._check_input(x)
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
-        if update and not 0 <= self.num_batches_tracked < _INT64_MAX:
-            # the step adds 1, and state_dict must still save it as an int64
-            raise ValueError(
-                "num_batches_tracked: expected a non-negative count below "
-                f"{_INT64_MAX} before a training step, got {self.num_batches_tracked}"
-            )
-        momentum = self.momentum
-        if update and momentum is None:  # cumulative moving average
-            momentum = 1.0 / (self.num_batches_tracked + 1)
+        momentum = self._step_momentum() if update else self.momentum
         y, save_mean, save_invstd, skipped = F.forward_counting_skips(
             x,
             self.weight,
@@ -184,12 +176,7 @@ class _BatchNorm:
         if self._saved is None:
             raise ValueError("backward: expected a forward call before backward, got none")
         x, save_mean, save_invstd, use_batch_stats, y, had_residual = self._saved
-        if not isinstance(dy, np.ndarray):
-            raise TypeError(f"dy: expected a numpy.ndarray, got {type(dy).__name__}")
-        if dy.shape != x.shape:
-            raise ValueError(f"dy: expected the shape of the last input {x.shape}, got {dy.shape}")
-        if dy.dtype != x.dtype:
-            raise TypeError(f"dy: expected dtype {x.dtype} (the last input's), got {dy.dtype}")
+        self._check_dy(dy, x)
         dx, grad_weight, grad_bias, *rest = F.batch_norm_backward(
             dy, x, save_mean, save_invstd, self.weight, training=use_batch_stats, axis=self.axis,
             activation=self.activation, y=y, return_residual_grad=had_residual,
@@ -208,6 +195,29 @@ class _BatchNorm:
                              "got a module without them")
         return fold_batch_norm(weight, bias, self.running_mean, self.running_var, self.weight,
                                self.bias, self.eps, layer=layer, groups=groups)
+
+    def _step_momentum(self) -> Optional[float]:
+        """The momentum of a training step that updates the running statistics (the cumulative
+        average's 1 / (steps + 1) for momentum=None), after checking the step count."""
+        if not 0 <= self.num_batches_tracked < _INT64_MAX:
+            # the step adds 1, and state_dict must still save it as an int64
+            raise ValueError(
+                "num_batches_tracked: expected a non-negative count below "
+                f"{_INT64_MAX} before a training step, got {self.num_batches_tracked}"
+            )
+        if self.momentum is None:  # cumulative moving average
+            return 1.0 / (self.num_batches_tracked + 1)
+        return self.momentum
+
+    @staticmethod
+    def _check_dy(dy: object, x: np.ndarray) -> None:
+        """dy of a backward: an ndarray of the last input's shape and dtype."""
+        if not isinstance(dy, np.ndarray):
+            raise TypeError(f"dy: expected a numpy.ndarray, got {type(dy).__name__}")
+        if dy.shape != x.shape:
+            raise ValueError(f"dy: expected the shape of the last input {x.shape}, got {dy.shape}")
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy: expected dtype {x.dtype} (the last input's), got {dy.dtype}")
 
     # -- state -----------------------------------------------------------------------------------
 

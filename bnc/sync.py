@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _args as A
 from . import functional as F
-from .modules import _INT64_MAX, _BatchNorm, _caller_stacklevel
+from .modules import _BatchNorm, _caller_stacklevel
 
 Allgather = Callable[[object], Sequence[object]]
 
@@ -153,13 +153,7 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(x)
         x = self._check_input(x)
         update = self.track_running_stats
-        if update and not 0 <= self.num_batches_tracked < _INT64_MAX:
-            raise ValueError(
-                "num_batches_tracked: expected a non-negative count below "
-                f"{_INT64_MAX} before a training step, got {self.num_batches_tracked}")
-        momentum = self.momentum
-        if update and momentum is None:
-            momentum = 1.0 / (self.num_batches_tracked + 1)
+        momentum = self._step_momentum() if update else self.momentum
         axis = F.normalize_axis(self.axis, x.ndim)
         y, mean, invstd, count, skipped = sync_forward(
             A.contiguous(x), self.weight, self.bias, self.running_mean if update else None,
@@ -177,12 +171,7 @@ class SyncBatchNorm(_BatchNorm):
         if self._sync_saved is None:
             return super().backward(dy)
         x, mean, invstd, count, axis = self._sync_saved
-        if not isinstance(dy, np.ndarray):
-            raise TypeError(f"dy: expected a numpy.ndarray, got {type(dy).__name__}")
-        if dy.shape != x.shape:
-            raise ValueError(f"dy: expected the shape of the last input {x.shape}, got {dy.shape}")
-        if dy.dtype != x.dtype:
-            raise TypeError(f"dy: expected dtype {x.dtype} (the last input's), got {dy.dtype}")
+        self._check_dy(dy, x)
         dx, grad_weight, grad_bias = sync_backward(A.contiguous(dy), A.contiguous(x), mean, invstd,
                                                    self.weight, count, axis, self._allgather)
         self.grad_weight = grad_weight if self.weight is not None else None

@@ -65,7 +65,8 @@ def test_no_memory_leak_over_100k_calls():
     assert after == refcounts, "reference counts of the arguments changed (leaked references)"
 
 
-_PEAK_SCRIPT = textwrap.dedent(
+# The scripts' common head: imports and status(field), a /proc/self/status figure in bytes.
+_SCRIPT_HEAD = textwrap.dedent(
     """
     import json, os, sys
     import numpy as np
@@ -77,7 +78,11 @@ _PEAK_SCRIPT = textwrap.dedent(
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024  # kB
         raise LookupError(field)
+    """
+)
 
+_PEAK_SCRIPT = _SCRIPT_HEAD + textwrap.dedent(
+    """
     def rss():
         return status("VmRSS")
 
@@ -140,19 +145,8 @@ def test_peak_memory_of_forward_and_backward_with_out(tmp_path):
     assert not too_much, f"peak RSS increase (bytes) of 4 MB or more: {too_much} (all: {result})"
 
 
-_WIDE_SCRIPT = textwrap.dedent(
+_WIDE_SCRIPT = _SCRIPT_HEAD + textwrap.dedent(
     """
-    import json, sys
-    import numpy as np
-    import bnc
-
-    def status(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024  # kB
-        raise LookupError(field)
-
     def reset_peak():
         # Linux >= 4.0: VmHWM back to the current RSS. Where that is refused, VmHWM - VmRSS
         # before a call stays an upper bound of its growth (the test can only fail safe).

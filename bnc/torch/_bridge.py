@@ -92,13 +92,9 @@ def empty_output(input: torch.Tensor, last: bool) -> Tuple[torch.Tensor, np.ndar
     if last:
         shape = (shape[0],) + shape[2:] + (shape[1],)
     array = POOL.empty(shape, _NUMPY_DTYPES[input.dtype])
-    t = torch.from_numpy(array)
     if input.dtype == torch.bfloat16:
-        t = t.view(torch.bfloat16)
         array = array.view(_BFLOAT16)
-    if last:
-        t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
-    return t, array
+    return _as_tensor(array, last, input.dtype), array
 
 
 def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
