@@ -135,10 +135,9 @@ def batch_norm_forward(
         ``(y, save_mean, save_invstd)``: y like x; save_mean and save_invstd of shape (C,), the mean
         and 1/sqrt(var + eps) used to normalize (the running ones when ``training=False``).
     """
-    y, save_mean, save_invstd, skipped = forward_counting_skips(
-        x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
-        eps=eps, axis=axis, out=out, residual=residual, activation=activation,
-    )
+    y, save_mean, save_invstd, skipped = _forward(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, residual,
+        activation)
     if skipped:
         warn_skipped(skipped, save_mean.shape[0], stacklevel=3)
     return y, save_mean, save_invstd
@@ -172,6 +171,13 @@ def forward_counting_skips(
     """``batch_norm_forward`` without the warning: also returns the number of channels whose
     running statistics were not updated (non-finite batch statistics), for callers that update
     their own state before warning (the modules)."""
+    return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+                    out, residual, activation)
+
+
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, out,
+             residual, activation):
+    # (positional: keyword arguments cost a microsecond per call on small tensors)
     tracking = running_mean is not None or running_var is not None
     if training and tracking and (running_mean is None or running_var is None):
         # As PyTorch: half the running statistics would leave the other half stale.

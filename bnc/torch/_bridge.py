@@ -145,10 +145,11 @@ def forward(
     eps: float,
     residual: Optional[torch.Tensor] = None,
     relu: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, save_mean, save_invstd, y = relu?(BN(input) + residual?) (the fused epilogue: residual
-    in input's layout, copied once if not). Training with running statistics updates them in place
-    (as torch does); float16 running statistics go through float32 and are rounded back."""
+) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(y, save_mean, save_invstd): y = relu?(BN(input) + residual?) (the fused epilogue: residual
+    in input's layout, copied once if not), the statistics as NumPy arrays (what backward takes).
+    Training with running statistics updates them in place (as torch does); float16 running
+    statistics go through float32 and are rounded back."""
     last = channels_last(input)
     pdtype = param_dtype(input.dtype)
     y, y_array = empty_output(input, last)
@@ -159,19 +160,19 @@ def forward(
         residual=None if residual is None else kernel_view(residual.to(input.dtype), last),
         activation="relu" if relu else None,
     )
-    if training:  # running statistics that were copied (float16, strided) are written back
+    if training and rm is not None:  # copied running statistics (float16, strided) written back
         for buffer, array in ((running_mean, rm), (running_var, rv)):
             if _copied(buffer, pdtype):
                 buffer.detach().copy_(torch.from_numpy(array))
-    return y, torch.from_numpy(save_mean), torch.from_numpy(save_invstd)
+    return y, save_mean, save_invstd
 
 
 def backward(
     grad_out: torch.Tensor,
     input: torch.Tensor,
     weight: Optional[torch.Tensor],
-    save_mean: torch.Tensor,
-    save_invstd: torch.Tensor,
+    save_mean: np.ndarray,
+    save_invstd: np.ndarray,
     training: bool,
     input_grad: bool,
     y: Optional[torch.Tensor] = None,
@@ -188,7 +189,7 @@ def backward(
     x = kernel_view(input, last)
     grad_out = grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype)
     dy = kernel_view(grad_out, last)
-    mean, invstd = save_mean.detach().numpy(), save_invstd.detach().numpy()
+    mean, invstd = save_mean, save_invstd
     if y is not None:
         dx, dx_array = empty_output(input, last)
         _, grad_weight, grad_bias, *grad_residual = bnc.batch_norm_backward(

@@ -45,7 +45,7 @@ def batch_norm(
     if not training:
         y, mean, invstd = _bridge.forward(input, weight, bias, running_mean, running_var, False,
                                           0.0, eps, residual, relu)
-        return y, mean, invstd, _stats_like(input, 0)
+        return y, torch.from_numpy(mean), torch.from_numpy(invstd), _stats_like(input, 0)
     # Momentum 1 into zeroed statistics: the kernel's own running-statistics step leaves there
     # the batch mean and unbiased variance, at no extra pass. A channel whose statistics are not
     # finite is left alone by the kernel; its variance is made NaN so that the update skips it.
@@ -54,6 +54,7 @@ def batch_norm(
     var_out = torch.zeros_like(mean_out)
     y, mean, invstd = _bridge.forward(input, weight, bias, mean_out, var_out, True, 1.0, eps,
                                       residual, relu)
+    mean, invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
     skipped = ~(torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0))
     if bool(skipped.any()):
         var_out[skipped] = float("nan")
@@ -82,7 +83,8 @@ def batch_norm_backward(
     residual_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
-        grad_out, input, weight, save_mean, save_invstd, training, input_grad, y, residual_grad)
+        grad_out, input, weight, save_mean.detach().numpy(), save_invstd.detach().numpy(),
+        training, input_grad, y, residual_grad)
     if dx is None:
         dx = input.new_empty(0)
     if grad_residual is None:

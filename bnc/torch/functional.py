@@ -16,32 +16,48 @@ from . import _bridge, _ops
 
 class _BatchNormFunction(torch.autograd.Function):
     """Eager forward and backward. Running statistics are updated in the forward (as torch's
-    batch norm does); the backward is once differentiable."""
+    batch norm does); the backward is once differentiable. The arguments autograd need not see
+    (running statistics, scalars) travel in one tuple, `call`: apply's cost grows with the number
+    of arguments."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                residual, relu):
+    def forward(ctx, input, weight, bias, residual, call):
+        running_mean, running_var, training, momentum, eps, relu = call
         y, mean, invstd = _bridge.forward(input, weight, bias, running_mean, running_var,
                                           training, momentum, eps, residual, relu)
-        ctx.save_for_backward(input, weight, mean, invstd, y if relu else None)
+        ctx.save_for_backward(input, weight, y if relu else None)
+        ctx.stats = (mean, invstd)  # NumPy arrays of ours: nothing the caller can modify
         ctx.training = training
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
-        input, weight, mean, invstd, y = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_residual = ctx.needs_input_grad[8]
-        dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
-            grad_y, input, weight, mean, invstd, ctx.training, need_input, y, need_residual)
-        return (dx if need_input else None,
-                grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(ctx.bias_dtype) if need_bias else None,
-                None, None, None, None, None,
-                grad_residual.to(ctx.residual_dtype) if need_residual else None, None)
+        # Grad mode is on in a backward only under create_graph=True: there once_differentiable
+        # makes a second derivative raise. Otherwise its wrapper would only cost time.
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, grad_y)
+        return _backward(ctx, grad_y)
+
+
+def _backward(ctx, grad_y):
+    input, weight, y = ctx.saved_tensors
+    need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
+        grad_y, input, weight, *ctx.stats, ctx.training, need_input, y, need_residual)
+    return (dx if need_input else None,
+            _as_dtype(grad_weight, weight.dtype) if need_weight else None,
+            _as_dtype(grad_bias, ctx.bias_dtype) if need_bias else None,
+            _as_dtype(grad_residual, ctx.residual_dtype) if need_residual else None,
+            None)
+
+
+_backward_once = once_differentiable(_backward)
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -92,8 +108,8 @@ def run(
     if not _needs_grad(input, weight, bias, residual):
         return _bridge.forward(input, weight, bias, running_mean, running_var, training,
                                momentum, eps, residual, relu)[0]
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
-                                    momentum, eps, residual, relu)
+    return _BatchNormFunction.apply(input, weight, bias, residual,
+                                    (running_mean, running_var, training, momentum, eps, relu))
 
 
 def batch_norm(

@@ -27,27 +27,31 @@ class _BncBatchNorm:
         return text + (f", activation={self.activation!r}" if self.activation else "")
 
     def forward(self, input: torch.Tensor, residual=None) -> torch.Tensor:
+        # (each parameter and buffer read once: nn.Module's attribute lookup is a Python call)
         self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
+        training, momentum = self.training, self.momentum
+        running_mean, running_var = self.running_mean, self.running_var
         cumulative = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average: 1 / num_batches_tracked
-                cumulative = self.num_batches_tracked
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        tracking = not self.training or self.track_running_stats
+        if training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if momentum is None:  # cumulative moving average: 1 / num_batches_tracked
+                    cumulative = num_batches_tracked
+        bn_training = training or (running_mean is None and running_var is None)
+        tracking = not training or self.track_running_stats
         return functional.run(
             input,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
+            running_mean if tracking else None,
+            running_var if tracking else None,
             self.weight,
             self.bias,
             bn_training,
-            momentum,
+            0.0 if momentum is None else momentum,
             self.eps,
             cumulative,
-            residual=residual,
-            activation=self.activation,
+            residual,
+            self.activation,
         )
 
 
