@@ -48,7 +48,9 @@ inline U half_bits_to_float_bits(U h) {
   const U sign = (h & 0x8000u) << 16;
   const U magnitude = h & 0x7FFFu;
   const U normal = (magnitude << 13) + (112u << 23);  // exponent bias 15 -> 127
-  const U special = (magnitude << 13) | 0x7F800000u | (magnitude > 0x7C00u ? zero + 0x400000u : zero);
+  // Infinity, or a NaN with its payload, made quiet.
+  const U quiet = magnitude > 0x7C00u ? zero + 0x400000u : zero;
+  const U special = (magnitude << 13) | 0x7F800000u | quiet;
   // A subnormal m·2^-24: float(m) is exact, and 2^-24 moves its exponent down by 24 (no float
   // arithmetic, so a flush-denormals mode cannot change it).
   const U subnormal = magnitude != 0u ? int_to_float_bits(magnitude) - (24u << 23) : zero;
