@@ -53,6 +53,13 @@ def torch_importer():
     return import_torch
 
 
+def pytest_report_header(config):
+    """Names the bnc under test: the source tree (editable install) or an installed wheel."""
+    import bnc
+
+    return f"bnc {bnc.__version__} from {os.path.dirname(bnc.__file__)}"
+
+
 def pytest_pyfunc_call(pyfuncitem):
     """Fails (in the call phase, so it is reported as FAILED, not ERROR) a test whose ``torch``
     fixture could not import torch under CI."""

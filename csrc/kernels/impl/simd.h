@@ -10,6 +10,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels/impl/half.h"
 #include "kernels/impl/params.h"
 
 namespace bnc {
@@ -38,6 +39,14 @@ typedef unsigned short vb_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 4)))
 typedef unsigned short vb_for_vf __attribute__((vector_size(BNC_VEC_BYTES / 2)));
 typedef unsigned int vu_for_vd __attribute__((vector_size(BNC_VEC_BYTES / 2)));
 typedef unsigned int vu __attribute__((vector_size(BNC_VEC_BYTES)));
+
+// float16 conversions: F16C instructions where the ISA has them (and native ones off x86),
+// integer arithmetic on the bits elsewhere (kernels/impl/half.h: the same results).
+#if defined(__x86_64__) && !defined(__F16C__)
+#define BNC_HALF_BY_BITS 1
+#else
+#define BNC_HALF_BY_BITS 0
+#endif
 
 constexpr int64_t kDoublesPerVec = BNC_VEC_BYTES / 8;
 constexpr int64_t kVecsPerLanes = kLanes / kDoublesPerVec;
@@ -132,7 +141,12 @@ inline vd load_vd(const float* p) {
 // double vector conversion into a libgcc call per element. (Both steps are exact.)
 template <>
 inline vd load_vd(const _Float16* p) {
+#if BNC_HALF_BY_BITS
+  const vu_for_vd u = __builtin_convertvector(load<vb_for_vd>(p), vu_for_vd);
+  return __builtin_convertvector((vf_for_vd)half_bits_to_float_bits(u), vd);
+#else
   return __builtin_convertvector(__builtin_convertvector(load<vh_for_vd>(p), vf_for_vd), vd);
+#endif
 }
 
 // bfloat16: the bits widened to the upper half of a float (exact).
@@ -148,6 +162,10 @@ inline Vec<T> load_compute(const T* p) {
   if constexpr (sizeof(T) == 2 && !__is_same(T, _Float16)) {  // bfloat16
     const vu u = __builtin_convertvector(load<vb_for_vf>(p), vu) << 16;
     return (vf)u;
+#if BNC_HALF_BY_BITS
+  } else if constexpr (__is_same(T, _Float16)) {
+    return (vf)half_bits_to_float_bits(__builtin_convertvector(load<vb_for_vf>(p), vu));
+#endif
   } else {
     return __builtin_convertvector(load<typename Types<T>::RawForVec>(p), Vec<T>);
   }
@@ -164,6 +182,10 @@ inline typename Types<T>::RawForVec to_raw(Vec<T> v) {
     const vu quiet = (u >> 16) | 0x40u;
     const vu bits = v != v ? quiet : rounded;
     return __builtin_convertvector(bits, vb_for_vf);
+#if BNC_HALF_BY_BITS
+  } else if constexpr (__is_same(T, _Float16)) {
+    return (vh_for_vf)__builtin_convertvector(float_bits_to_half_bits((vu)v), vb_for_vf);
+#endif
   } else {
     return __builtin_convertvector(v, typename Types<T>::RawForVec);
   }
@@ -182,6 +204,15 @@ inline Compute<T> widen(T v) {
     float f;
     __builtin_memcpy(&f, &u, sizeof(f));
     return f;
+  } else if constexpr (__is_same(T, _Float16)) {
+    // Not a plain cast: GCC folds float(h) widened on to double into a libgcc call.
+#if BNC_HALF_BY_BITS
+    return bits_as<float>(half_bits_to_float_bits(unsigned{bits_as<unsigned short>(v)}));
+#elif defined(__x86_64__)
+    return _cvtsh_ss(bits_as<unsigned short>(v));
+#else
+    return static_cast<float>(v);
+#endif
   } else {
     return static_cast<Compute<T>>(v);
   }
@@ -193,6 +224,15 @@ inline T narrow(Compute<T> v) {
     __builtin_memcpy(&u, &v, sizeof(u));
     const unsigned int bits = v != v ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return T{static_cast<unsigned short>(bits)};
+  } else if constexpr (__is_same(T, _Float16)) {
+#if BNC_HALF_BY_BITS
+    const unsigned int bits = float_bits_to_half_bits(bits_as<unsigned int>(v));
+    return bits_as<_Float16>(static_cast<unsigned short>(bits));
+#elif defined(__x86_64__)
+    return bits_as<_Float16>(static_cast<unsigned short>(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)));
+#else
+    return static_cast<T>(v);
+#endif
   } else {
     return static_cast<T>(v);
   }
