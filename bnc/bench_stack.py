@@ -12,6 +12,10 @@ allocated by the call, as user code allocates it. Implementations, interleaved, 
   ``native_batch_norm_backward``) on its own tensors;
 - compiled: the same stack through autograd under ``torch.compile`` (Inductor), with
   ``--compile`` (compiling takes minutes on 2 cores).
+
+"of bound": the stack's I/O bound over bnc's time. The bound moves each layer's compulsory
+traffic -- forward: read x, write y (the residual is x); backward: read dy, x, y, write dx -- at the
+bandwidth of bnc's multi-threaded copy of one activation, timed in the same interleaved run.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import numpy as np
 
 import bnc
 
+from . import _core
 from .bench import _time_interleaved
 
 LAYERS = 4
+# Activation-sizes of compulsory traffic per layer (see the module's docstring).
+TRAFFIC = {"train": 2 + 4, "infer": 2}
 # (name, shape, channel axis, residual)
 CASES = [
     ("RN50 56x56", (32, 256, 56, 56), 1, False),
@@ -151,8 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"bnc {bnc.__version__} ({bnc.config()['isa']}), torch "
           f"{torch.__version__ if torch else 'not installed'}, threads {args.threads}, "
           f"{LAYERS} layers of relu(BN(x) [+ x]), float32")
-    head = "| case | shape | step | bnc ms | torch ms | vs torch |"
-    sep = "|---|---|---|---:|---:|---:|"
+    head = "| case | shape | step | bnc ms | of bound | torch ms | vs torch |"
+    sep = "|---|---|---|---:|---:|---:|---:|"
     if args.compile:
         head += " compiled ms | vs compiled |"
         sep += "---:|---:|"
@@ -166,6 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         c = shape[axis]
         fns = {"train": {}, "infer": {}}
         fns["train"]["bnc"], fns["infer"]["bnc"] = _bnc_stack(x0, axis, residual, c)
+        copy_dst = np.empty_like(x0)
+        for step in fns:
+            fns[step]["copy"] = lambda: _core.copy(x0, copy_dst)
         if torch is not None:
             t_train, t_infer, x_t, params = _torch_stack(torch, x0, axis, residual, c)
             fns["train"]["torch"], fns["infer"]["torch"] = t_train, t_infer
@@ -174,7 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 fns["train"]["compiled"], fns["infer"]["compiled"] = c_train, c_infer
         for step in ("train", "infer"):
             t = _median(fns[step], args.repeats)
-            line = f"| {name} | {'x'.join(map(str, shape))} | {step} | {t['bnc'] * 1e3:.2f} |"
+            bound = LAYERS * TRAFFIC[step] * t["copy"] / 2  # a copy moves 2 activations
+            line = (f"| {name} | {'x'.join(map(str, shape))} | {step} | {t['bnc'] * 1e3:.2f} "
+                    f"| {bound / t['bnc']:.0%} |")
             if "torch" in t:
                 ratios[step].append(t["torch"] / t["bnc"])
                 line += f" {t['torch'] * 1e3:.2f} | {t['torch'] / t['bnc']:.2f}x |"
