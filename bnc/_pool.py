@@ -5,9 +5,9 @@ A fresh 100 MB array costs ~25 ms of page faults the first time it is written, s
 batch norm that writes it; a training loop allocates the same sizes every step. So outputs of at
 least MIN_BYTES bytes (y, dx, and bnc.torch's tensors) take their memory from here: a block of
 exactly that size that an earlier output gave back, or a new one. An output gives its block back
-when the last array, view or tensor that uses its memory is gone (a finalizer on the buffer object
-every view keeps alive), never earlier. The pool keeps at most `limit` bytes of such blocks, the
-most recently returned first; older ones go back to the system. Thread-safe.
+when the last array, view or tensor that uses its memory is gone (the `__del__` of the buffer
+object every view keeps alive), never earlier. The pool keeps at most `limit` bytes of such
+blocks, the most recently returned first; older ones go back to the system. Thread-safe.
 
 bnc.set_output_pool_bytes(n) sets the limit (0 switches the pool off: every output is a fresh
 np.empty); the environment variable BNC_OUTPUT_POOL_BYTES sets it at import. Default: 1 GiB.
@@ -16,29 +16,48 @@ np.empty); the environment variable BNC_OUTPUT_POOL_BYTES sets it at import. Def
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
-import weakref
 from collections import OrderedDict
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-# Smaller outputs: glibc's malloc keeps freed blocks below its mmap threshold (which it raises up to
-# 32 MiB as blocks are freed) and reuses them without page faults; the pool's finalizer would
-# cost more than it saves there (5 us a call: measured on (256, 1024) float32, 1 MiB).
-MIN_BYTES = 4 << 20
+# Smaller outputs: plain np.empty. Between 256 KiB and a few MiB glibc's malloc usually reuses freed
+# blocks without page faults, but not always: in a stack of layers whose outputs are kept, then
+# freed in reverse, it trims its heap and every output faults in again (docs/benchmarks.md,
+# "Output allocation in a loop": 4x a step of 1 MiB layers). A pooled output costs ~1 us more
+# than np.empty.
+MIN_BYTES = 256 << 10
 DEFAULT_LIMIT = 1 << 30
 _ALIGN = 64
 
 
+@functools.lru_cache(maxsize=256)
+def _lease_type(nbytes: int) -> type:
+    """The buffer type of one output of `nbytes` bytes: a ctypes array over a pool block, which
+    every NumPy view and torch tensor of the output keeps alive; when the last one is gone,
+    `__del__` gives the block back (cheaper than weakref.finalize: ~1 us a cycle against ~3)."""
+
+    class Lease(ctypes.c_char * nbytes):
+        def __del__(self) -> None:
+            try:
+                self._pool._give_back(nbytes, self._block)
+            except Exception:  # interpreter shutdown: module globals may be gone
+                pass
+
+    return Lease
+
+
 class OutputPool:
     def __init__(self, limit: int) -> None:
-        self._lock = threading.RLock()  # a finalizer may run inside empty() (garbage collection)
+        # Re-entrant: a lease's __del__ may run inside empty() (a reference cycle collected there).
+        self._lock = threading.RLock()
         self._limit = limit
         self._held = 0
-        # returned blocks, oldest first: key -> (nbytes, block)
-        self._free: "OrderedDict[int, Tuple[int, np.ndarray]]" = OrderedDict()
+        # returned blocks, oldest first: key -> (nbytes, block); a block is (array, aligned offset)
+        self._free: "OrderedDict[int, Tuple[int, Tuple[np.ndarray, int]]]" = OrderedDict()
         self._by_size: dict = {}  # nbytes -> [keys]
         self._next_key = 0
 
@@ -65,15 +84,14 @@ class OutputPool:
             return np.empty(shape, dtype)
         block = self._take(nbytes)
         if block is None:
-            block = np.empty(nbytes + _ALIGN, np.uint8)
-        # A buffer object of this output's own, on a cache line: every view of the array keeps
-        # it alive, and the block goes back to the pool when it is collected.
-        offset = -block.ctypes.data % _ALIGN
-        lease = (ctypes.c_char * nbytes).from_buffer(block, offset)
-        weakref.finalize(lease, self._give_back, nbytes, block)
-        return np.frombuffer(lease, dtype).reshape(shape)
+            array = np.empty(nbytes + _ALIGN, np.uint8)
+            block = (array, -array.ctypes.data % _ALIGN)  # on a cache line
+        lease = _lease_type(nbytes).from_buffer(block[0], block[1])
+        lease._pool = self
+        lease._block = block
+        return np.ndarray(shape, dtype, lease)
 
-    def _take(self, nbytes: int):
+    def _take(self, nbytes: int) -> Optional[Tuple[np.ndarray, int]]:
         with self._lock:
             keys: List[int] = self._by_size.get(nbytes)
             if not keys:
@@ -83,7 +101,7 @@ class OutputPool:
             self._held -= nbytes
             return block
 
-    def _give_back(self, nbytes: int, block: np.ndarray) -> None:
+    def _give_back(self, nbytes: int, block: Tuple[np.ndarray, int]) -> None:
         with self._lock:
             if nbytes > self._limit:
                 return
@@ -120,7 +138,7 @@ POOL = OutputPool(_initial_limit())
 
 def set_output_pool_bytes(n: int) -> None:
     """Sets how many bytes of dropped outputs bnc keeps for reuse (default 1 GiB; 0: none, every
-    output is freshly allocated). Outputs of at least 4 MiB that the caller has dropped keep their
+    output is freshly allocated). Outputs of at least 256 KiB that the caller has dropped keep their
     memory for the next output of the same size, which then costs no page faults. Blocks beyond
     the limit, oldest first, go back to the system."""
     import numbers

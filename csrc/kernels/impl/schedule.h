@@ -120,10 +120,12 @@ void reduce_finalize_apply(const Plan& p, const Terms& terms, const Pivots& pivo
         reduce_task(p, terms, st.shifts + c0, chunk, rb, s, st.partial_a + rb * g.channels + c0,
                     st.partial_b + rb * g.channels + c0);
       };
-      // Row family: threads claim tasks as they go (a task's sums go to its own partials). The
-      // segment family keeps a fixed split: its next-group prefetch fetches the inputs of the
-      // thread's own next task.
-      const bool claim = p.row_family;
+      // Row family from memory: threads claim tasks as they go (a task's sums go to its own
+      // partials). Otherwise a fixed split: the segment family's next-group prefetch fetches the
+      // inputs of the thread's own next task, and a tensor that stays in cache keeps each thread
+      // on the same rows in the reduce, the apply and the next call of the same shape (the next
+      // layer), instead of reading rows another core has just written (docs/tuning.md).
+      const bool claim = p.row_family && Stream;
       int64_t* const claimed = st.claimed + 2 * (first / p.chunks_per_group);
       auto reduce_group = [&](bool first_time) {
         if (claim && first_time) {
