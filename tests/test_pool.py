@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -123,8 +125,6 @@ def test_threads_never_share_a_block(pool_limit):
     assert not errors
 
 
-
-
 _STACK_STEPS = """
 import resource
 import numpy as np
@@ -145,9 +145,6 @@ def test_a_stack_of_layers_faults_no_pages_in_steady_state():
     # in reverse on the way down), in a fresh process: with those outputs from glibc it trims its
     # heap in this pattern and every output faults its pages in again (~1550 minor faults a step
     # measured); from the pool, none.
-    import subprocess
-    import sys
-
     run = subprocess.run([sys.executable, "-c", _STACK_STEPS], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "BNC_OUTPUT_POOL_BYTES": str(1 << 30)})
     assert run.returncode == 0, run.stderr

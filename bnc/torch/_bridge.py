@@ -189,11 +189,10 @@ def backward(
     x = kernel_view(input, last)
     grad_out = grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype)
     dy = kernel_view(grad_out, last)
-    mean, invstd = save_mean, save_invstd
     if y is not None:
         dx, dx_array = empty_output(input, last)
         _, grad_weight, grad_bias, *grad_residual = bnc.batch_norm_backward(
-            dy, x, mean, invstd, _vector(weight, pdtype), training=training, axis=axis,
+            dy, x, save_mean, save_invstd, _vector(weight, pdtype), training=training, axis=axis,
             out=dx_array, activation="relu", y=kernel_view(y, last),
             return_residual_grad=residual_grad)
         return (dx if input_grad else None, torch.from_numpy(grad_weight),
@@ -201,12 +200,14 @@ def backward(
                 _as_tensor(grad_residual[0], last, input.dtype) if residual_grad else None)
     residual = grad_out if residual_grad else None
     if not input_grad:
-        sum_dy, sum_dy_xmu = bnc.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
-        grad_weight = torch.from_numpy(sum_dy_xmu * invstd.astype(np.float64)).to(pdtype)
+        sum_dy, sum_dy_xmu = bnc.batch_norm_backward_reduce(dy, x, save_mean, save_invstd,
+                                                            axis=axis)
+        grad_weight = torch.from_numpy(sum_dy_xmu * save_invstd.astype(np.float64)).to(pdtype)
         return None, grad_weight, torch.from_numpy(sum_dy).to(pdtype), residual
     dx, dx_array = empty_output(input, last)
     _, grad_weight, grad_bias = bnc.batch_norm_backward(
-        dy, x, mean, invstd, _vector(weight, pdtype), training=training, axis=axis, out=dx_array,
+        dy, x, save_mean, save_invstd, _vector(weight, pdtype), training=training, axis=axis,
+        out=dx_array,
     )
     return dx, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias), residual
 
