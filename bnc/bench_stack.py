@@ -2,7 +2,8 @@
 
 Each layer is y = relu(BN(x) + residual) (the residual: the layer's own input, as in a residual
 block's shortcut), or y = relu(BN(x)) without one. A training step runs the stack forward keeping
-every output, then backward from the top, each layer consuming its saved tensors and freeing them;
+every output, then backward from the top (the top gradient, like the input, made once before
+timing), each layer consuming its saved tensors and freeing them;
 an inference pass runs it forward in eval mode, dropping each input once used. Every output is
 allocated by the call, as user code allocates it. Implementations, interleaved, medians:
 
@@ -51,7 +52,7 @@ def _median(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, flo
     return _time_interleaved(fns, {name: repeats for name in fns})
 
 
-def _bnc_stack(x0, axis, residual, c):
+def _bnc_stack(x0, dy0, axis, residual, c):
     params = [(np.ones(c, np.float32), np.zeros(c, np.float32), np.zeros(c, np.float32),
                np.ones(c, np.float32)) for _ in range(LAYERS)]
 
@@ -63,7 +64,7 @@ def _bnc_stack(x0, axis, residual, c):
                                              activation="relu")
             saved.append((x, y, m, s, w))
             x = y
-        dy = np.ones_like(x)
+        dy = dy0
         while saved:
             x, y, m, s, w = saved.pop()
             dx, gw, gb, *gr = bnc.batch_norm_backward(dy, x, m, s, w, axis=axis,
@@ -84,11 +85,15 @@ def _bnc_stack(x0, axis, residual, c):
     return train, infer
 
 
-def _torch_stack(torch, x0, axis, residual, c):
+def _torch_stack(torch, x0, dy0, axis, residual, c):
     op = torch.ops.aten
-    x_t = torch.from_numpy(x0)
-    if axis == -1:  # NHWC storage as torch's channels_last (N, C, H, W) view
-        x_t = x_t.permute(0, x_t.dim() - 1, *range(1, x_t.dim() - 1))
+
+    def as_torch(a):
+        t = torch.from_numpy(a)
+        if axis == -1:  # NHWC storage as torch's channels_last (N, C, H, W) view
+            t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+        return t
+    x_t, dy_t = as_torch(x0), as_torch(dy0)
     params = [(torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c))
               for _ in range(LAYERS)]
 
@@ -100,7 +105,7 @@ def _torch_stack(torch, x0, axis, residual, c):
             y = torch.relu(z)
             saved.append((x, y, m, s, w, rm, rv))
             x = y
-        dy = torch.ones_like(x)
+        dy = dy_t
         while saved:
             x, y, m, s, w, rm, rv = saved.pop()
             g = op.threshold_backward(dy, y, 0)
@@ -115,10 +120,10 @@ def _torch_stack(torch, x0, axis, residual, c):
             t = op.native_batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5)[0]
             x = torch.relu(t + x if residual else t)
         return x
-    return train, infer, x_t, params
+    return train, infer, x_t, dy_t, params
 
 
-def _compiled_stack(torch, x_t, residual, params):
+def _compiled_stack(torch, x_t, dy_t, residual, params):
     import torch.nn.functional as F
 
     def stack(x, training):
@@ -132,7 +137,7 @@ def _compiled_stack(torch, x_t, residual, params):
 
     def train():
         y = compiled(x_grad, True)
-        y.backward(torch.ones_like(y))
+        y.backward(dy_t)
 
     def infer():
         with torch.no_grad():
@@ -170,17 +175,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.filter not in name:
             continue
         x0 = (1 + np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+        dy0 = np.ones_like(x0)
         c = shape[axis]
         fns = {"train": {}, "infer": {}}
-        fns["train"]["bnc"], fns["infer"]["bnc"] = _bnc_stack(x0, axis, residual, c)
+        fns["train"]["bnc"], fns["infer"]["bnc"] = _bnc_stack(x0, dy0, axis, residual, c)
         copy_dst = np.empty_like(x0)
         for step in fns:
             fns[step]["copy"] = lambda: _core.copy(x0, copy_dst)
         if torch is not None:
-            t_train, t_infer, x_t, params = _torch_stack(torch, x0, axis, residual, c)
+            t_train, t_infer, x_t, dy_t, params = _torch_stack(torch, x0, dy0, axis, residual, c)
             fns["train"]["torch"], fns["infer"]["torch"] = t_train, t_infer
             if args.compile:
-                c_train, c_infer = _compiled_stack(torch, x_t, residual, params)
+                c_train, c_infer = _compiled_stack(torch, x_t, dy_t, residual, params)
                 fns["train"]["compiled"], fns["infer"]["compiled"] = c_train, c_infer
         for step in ("train", "infer"):
             t = _median(fns[step], args.repeats)

@@ -130,7 +130,7 @@ import resource
 import numpy as np
 from bnc import bench_stack
 x0 = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
-train, _ = bench_stack._bnc_stack(x0, 1, False, 1024)
+train, _ = bench_stack._bnc_stack(x0, np.ones_like(x0), 1, False, 1024)
 for _ in range(3):
     train()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -252,6 +252,16 @@ inline V iota() {
   return load<V>(lanes);
 }
 
+// v as loaded, in a register: the compiler may not fold its load into a later select. A select
+// on a mask of another load (dy masked by y > 0) otherwise becomes a masked load of dy, which
+// cannot issue before y has arrived: from memory that serializes the two streams and doubled the
+// ReLU backward (docs/tuning.md, "ReLU masks").
+template <class V>
+inline V in_register(V v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
 // Sum of 16 lanes in a fixed pairwise order.
 inline double lane_sum(const double* lanes) {
   double t[kLanes];

@@ -50,7 +50,7 @@ struct MaskedDy {
   Vec<T> vec(const T* dy, int64_t off) const {
     Vec<T> g = load_compute(dy + off);
     if constexpr (Relu) {
-      g = load_compute(y + off) > Compute<T>(0) ? g : Vec<T>{};
+      g = load_compute(y + off) > Compute<T>(0) ? in_register(g) : Vec<T>{};
       if (grad_residual) store_compute(grad_residual + off, g);
     }
     return g;
@@ -66,7 +66,7 @@ struct MaskedDy {
   // For the sums (nothing stored): in the compute type, and in double (exact widenings).
   Vec<T> sum_vec(const T* dy, int64_t off) const {
     const Vec<T> g = load_compute(dy + off);
-    if constexpr (Relu) return load_compute(y + off) > Compute<T>(0) ? g : Vec<T>{};
+    if constexpr (Relu) return load_compute(y + off) > Compute<T>(0) ? in_register(g) : Vec<T>{};
     return g;
   }
   Compute<T> sum_one(const T* dy, int64_t off) const {
@@ -76,7 +76,7 @@ struct MaskedDy {
   }
   vd vec_d(const T* dy, int64_t off) const {
     vd g = load_vd(dy + off);
-    if constexpr (Relu) g = load_vd(y + off) > 0.0 ? g : vd{};
+    if constexpr (Relu) g = load_vd(y + off) > 0.0 ? in_register(g) : vd{};
     return g;
   }
   double one_d(const T* dy, int64_t off) const {
