@@ -17,6 +17,7 @@ namespace {
 template <class T>
 struct MomentTerms {
   static constexpr bool kSquares = true;  // b sums squares (see reduce_task)
+  static constexpr int kInputs = 1;  // tensors read (reduce_task's read order)
   const T* x;
   void prefetch(int64_t off, int64_t count) const { prefetch_piece(x + off, count); }
   void vec(int64_t off, vd shift, vd& a, vd& b) const {
@@ -93,6 +94,7 @@ struct MaskedDy {
 template <class T, bool Relu = false>
 struct GradTerms {
   static constexpr bool kSquares = false;
+  static constexpr int kInputs = Relu ? 3 : 2;
   const T* dy;
   const T* x;
   MaskedDy<T, Relu> mask{};
