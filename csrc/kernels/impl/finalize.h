@@ -91,9 +91,28 @@ struct MomentsFinalize {
     using C = Compute<T>;
     const double n = static_cast<double>(p.g.per_channel());
     const int64_t c0 = r.c0;
+    const int64_t count = r.c1 - c0;
     double* const shifts = r.shifts;
+    // The common case first, in a loop that vectorizes (per channel this was most of a small
+    // tensor's forward): no channel to re-pivot and (float64) no sums to redo scaled. Then every
+    // channel's results are those of the loop below with scale 1, bit for bit.
+    int special = 0;
+    constexpr double kRepivot2 = kRepivotStds * kRepivotStds;
+    const int check_pivots = last ? 0 : 1;
+    for (int64_t j = 0; j < count; ++j) {
+      const double sum_d = r.sums_a[j], sum_dd = r.sums_b[j];
+      const double mean_offset = sum_d / n;
+      const double v = sum_dd / n - mean_offset * mean_offset;
+      if (sizeof(C) == 8)  // not finite: x - x is NaN
+        special |= static_cast<int>(sum_d - sum_d != 0.0) | static_cast<int>(sum_dd - sum_dd != 0.0);
+      special |= check_pivots & static_cast<int>(mean_offset * mean_offset > kRepivot2 * v);
+      mean[j] = shifts[j] + mean_offset;
+      var[j] = v < 0.0 ? 0.0 : v;  // rounding only; NaN passes through
+      scaled_var[j] = __builtin_nan("");
+    }
+    if (!special) return true;
     bool final_sums = true;
-    for (int64_t j = 0; j < r.c1 - c0; ++j) {
+    for (int64_t j = 0; j < count; ++j) {
       // (Float partial sums whose squares underflowed were summed again in double already, per
       // task: reduce_task.)
       double sum_d = r.sums_a[j], sum_dd = r.sums_b[j];
@@ -109,7 +128,7 @@ struct MomentsFinalize {
       }
       const double mean_offset = sum_d / n;
       double v = sum_dd / n - mean_offset * mean_offset;
-      if (!last && mean_offset * mean_offset > kRepivotStds * kRepivotStds * v) {
+      if (!last && mean_offset * mean_offset > kRepivot2 * v) {
         // A number of the compute type, so float partial sums stay exact in their shift.
         shifts[j] = static_cast<double>(static_cast<C>(shifts[j] + mean_offset / scale));
         final_sums = false;
@@ -131,10 +150,11 @@ inline void inverse_stds(int64_t n, const double* var, const double* scaled_var,
   // Square roots and divisions, the slowest instructions here, in a loop of their own: it
   // vectorizes.
   for (int64_t j = 0; j < n; ++j) invstd[j] = 1.0 / __builtin_sqrt(var[j] + eps);
-  for (int64_t j = 0; j < n; ++j)
-    if (scaled_var[j] == scaled_var[j])  // not NaN: summed scaled
-      invstd[j] = kOverflowScale /
-                  __builtin_sqrt(scaled_var[j] + eps * kOverflowScale * kOverflowScale);
+  for (int64_t j = 0; j < n; ++j) {  // a select, so that it vectorizes too
+    const double scaled = kOverflowScale /
+                          __builtin_sqrt(scaled_var[j] + eps * kOverflowScale * kOverflowScale);
+    invstd[j] = scaled_var[j] == scaled_var[j] ? scaled : invstd[j];  // not NaN: summed scaled
+  }
 }
 
 // Whether GradTrainMap's b = -a * invstd^2 * sum_dy_xmu / n (a = weight * invstd) stays in range
@@ -164,8 +184,11 @@ inline void set_grad_train(C* const* k, int64_t j, double mean, double invstd, d
   const double a = invstd * weight;
   const C mean_c = static_cast<C>(mean);
   const double b = -a * invstd * invstd * sum_dy_xmu / n;
-  double shift = -a * sum_dy / n;
-  if (static_cast<double>(mean_c) != mean) shift += b * (static_cast<double>(mean_c) - mean);
+  const double shift0 = -a * sum_dy / n;
+  // Selects, not branches (here and below): the finalize loops vectorize.
+  const double shift = static_cast<double>(mean_c) != mean
+                           ? shift0 + b * (static_cast<double>(mean_c) - mean)
+                           : shift0;
   k[0][j] = static_cast<C>(a);
   k[1][j] = mean_c;
   k[2][j] = static_cast<C>(b);
@@ -175,14 +198,15 @@ inline void set_grad_train(C* const* k, int64_t j, double mean, double invstd, d
 template <class C>
 inline void set_grad_train_wide(C* const* k, int64_t j, double mean, double invstd,
                                 double weight, double sum_dy, double sum_dy_xmu, double n) {
-  C mean_c = static_cast<C>(mean);
+  const C mean_rounded = static_cast<C>(mean);
   const double g = invstd * sum_dy_xmu / n;
-  double shift = sum_dy / n;
+  const double shift0 = sum_dy / n;
   // Near the top of the range x - mean could overflow (mean_within_range): the map then
   // subtracts nothing, and mean * invstd * g moves into k.
-  if (!mean_within_range(mean_c)) mean_c = C(0);
-  if (static_cast<double>(mean_c) != mean)
-    shift += (static_cast<double>(mean_c) - mean) * invstd * g;
+  const C mean_c = mean_within_range(mean_rounded) ? mean_rounded : C(0);
+  const double shift = static_cast<double>(mean_c) != mean
+                           ? shift0 + (static_cast<double>(mean_c) - mean) * invstd * g
+                           : shift0;
   k[0][j] = static_cast<C>(invstd * weight);
   k[1][j] = mean_c;
   k[2][j] = static_cast<C>(invstd);

@@ -69,16 +69,13 @@ struct NormalizeMap {
 // NormalizeMap's coefficients for y = (x - mean) * scale + shift, at k[.][j].
 template <class C>
 inline void set_normalize(C* const* k, int64_t j, double mean, double scale, double shift) {
+  // Out of range (or NaN) the map subtracts nothing: mean - 0 is mean, exactly. No branch, so
+  // that the finalize loops vectorize.
   const C mean_hi = static_cast<C>(mean);
-  if (!mean_within_range(mean_hi)) {
-    k[0][j] = C(0);
-    k[1][j] = static_cast<C>(scale);
-    k[2][j] = static_cast<C>(shift - mean * scale);
-    return;
-  }
-  k[0][j] = mean_hi;
+  const C subtracted = mean_within_range(mean_hi) ? mean_hi : C(0);
+  k[0][j] = subtracted;
   k[1][j] = static_cast<C>(scale);
-  k[2][j] = static_cast<C>(shift - (mean - static_cast<double>(mean_hi)) * scale);
+  k[2][j] = static_cast<C>(shift - (mean - static_cast<double>(subtracted)) * scale);
 }
 
 // Channel c's scale invstd * weight and shift bias (weight and bias optional: 1 and 0).
@@ -247,6 +244,12 @@ struct Coefs {
   // the row exists only where the arrays start at the row's first lane).
   void spread(int64_t c) const {
     if (!width) return;
+    if (inner == 1) {  // by_lane is by_channel: only the repeats past the row
+      for (int64_t lane = c + width; lane < width + kVecElems<T> && lane - origin < lane_capacity;
+           lane += width)
+        for (int k = 0; k < K; ++k) by_lane[k][lane - origin] = by_channel[k][c - origin];
+      return;
+    }
     const int64_t base = origin * inner;
     for (int64_t i = 0; i < inner; ++i)
       for (int64_t lane = c * inner + i; lane < width + kVecElems<T> && lane - base < lane_capacity;

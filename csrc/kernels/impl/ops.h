@@ -11,6 +11,23 @@ namespace bnc {
 namespace BNC_ISA {
 namespace {
 
+// Calls f with a function of j: weight[c0 + j] as a double, or 1 without weights (bias: 0), so
+// that a per-channel loop has no branch on the pointer inside.
+template <class P, class F>
+void with_weight(const P* weight, int64_t c0, F&& f) {
+  if (weight)
+    f([=](int64_t j) BNC_INLINE { return static_cast<double>(weight[c0 + j]); });
+  else
+    f([](int64_t) BNC_INLINE { return 1.0; });
+}
+template <class P, class F>
+void with_shift(const P* bias, int64_t c0, F&& f) {
+  if (bias)
+    f([=](int64_t j) BNC_INLINE { return static_cast<double>(bias[c0 + j]); });
+  else
+    f([](int64_t) BNC_INLINE { return 0.0; });
+}
+
 // Calls f with the forward map M<T, residual?, relu?> of the epilogue.
 template <template <class, bool, bool> class M, class T, class F>
 int64_t with_forward_map(const T* x, T* y, ForwardEpilogue<T> e, F&& f) {
@@ -47,23 +64,39 @@ int64_t forward_train_with(const Map& map, const T* x, Geometry g, const P* weig
     for (int64_t j = 0; j < count; ++j) {
       save_mean[c0 + j] = static_cast<P>(mean[j]);
       save_invstd[c0 + j] = static_cast<P>(invstd[j]);
-      set_batch_norm(r.coefs, j, mean[j], invstd[j], weight, bias, c0 + j);
     }
+    double* const scale = scaled_var;  // free again: bn_scale's values, in loops that vectorize
+    if (weight)
+      for (int64_t j = 0; j < count; ++j) scale[j] = invstd[j] * static_cast<double>(weight[c0 + j]);
+    else
+      for (int64_t j = 0; j < count; ++j) scale[j] = invstd[j];
+    with_shift(bias, c0, [&](auto shift_of) {
+      for (int64_t j = 0; j < count; ++j) set_normalize(r.coefs, j, mean[j], scale[j], shift_of(j));
+    });
     // The running statistics here, once per channel (the schedule finalizes each channel once).
+    // A channel whose statistics are not finite keeps its running ones (selects, no branch: the
+    // loops vectorize).
+    auto finite = [&](int64_t j) BNC_INLINE {  // x - x is 0 for finite x, else NaN
+      return static_cast<int>(mean[j] - mean[j] == 0.0) & static_cast<int>(var[j] - var[j] == 0.0);
+    };
     int64_t skips = 0;
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t c = c0 + j;
-      if (!is_finite(mean[j]) || !is_finite(var[j])) {
-        ++skips;
-        continue;
-      }
-      if (running_mean)
-        running_mean[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_mean[c]) +
+    for (int64_t j = 0; j < count; ++j) skips += 1 - finite(j);
+    if (running_mean)
+      for (int64_t j = 0; j < count; ++j) {
+        const bool ok = finite(j);
+        const P old = running_mean[c0 + j];
+        const P updated = static_cast<P>((1.0 - momentum) * static_cast<double>(old) +
                                          momentum * mean[j]);
-      if (running_var)
-        running_var[c] = static_cast<P>((1.0 - momentum) * static_cast<double>(running_var[c]) +
-                                        momentum * var[j] * unbias);
-    }
+        running_mean[c0 + j] = ok ? updated : old;
+      }
+    if (running_var)
+      for (int64_t j = 0; j < count; ++j) {
+        const bool ok = finite(j);
+        const P old = running_var[c0 + j];
+        const P updated = static_cast<P>((1.0 - momentum) * static_cast<double>(old) +
+                                         momentum * var[j] * unbias);
+        running_var[c0 + j] = ok ? updated : old;
+      }
     if (skips) __atomic_fetch_add(&skipped, skips, __ATOMIC_RELAXED);
     return true;
   };
@@ -185,18 +218,22 @@ int64_t backward_with(const Map& map, const MaskedDy<T, Relu>& mask, const T* dy
   if (!st.allocate(p, threads)) return -1;
   const double n = static_cast<double>(g.per_channel());
   auto finalize = [&](const ChannelRange<T, K>& r, bool /*last*/) {
-    for (int64_t j = 0; j < r.c1 - r.c0; ++j) {
-      const int64_t c = r.c0 + j;
-      const double sum_dy = r.sums_a[j], sum_dy_xmu = r.sums_b[j];
-      const double invstd = static_cast<double>(save_invstd[c]);
-      const double w = weight ? static_cast<double>(weight[c]) : 1.0;
-      grad_bias[c] = static_cast<P>(sum_dy);
-      grad_weight[c] = static_cast<P>(sum_dy_xmu * invstd);
-      if constexpr (Map::kCoefs > 1)  // training (the eval map has one coefficient)
-        set_grad_coefs<Map>(r.coefs, j, r.shifts[j], invstd, w, sum_dy, sum_dy_xmu, n);
-      else
-        r.coefs[0][j] = static_cast<C>(invstd * w);
+    const int64_t c0 = r.c0, count = r.c1 - r.c0;
+    for (int64_t j = 0; j < count; ++j) {
+      grad_bias[c0 + j] = static_cast<P>(r.sums_a[j]);
+      grad_weight[c0 + j] = static_cast<P>(r.sums_b[j] * static_cast<double>(save_invstd[c0 + j]));
     }
+    // Loops of their own per weight or none, with no branch inside: they vectorize.
+    with_weight(weight, c0, [&](auto weight_of) {
+      for (int64_t j = 0; j < count; ++j) {
+        const double invstd = static_cast<double>(save_invstd[c0 + j]);
+        if constexpr (Map::kCoefs > 1)  // training (the eval map has one coefficient)
+          set_grad_coefs<Map>(r.coefs, j, r.shifts[j], invstd, weight_of(j), r.sums_a[j],
+                              r.sums_b[j], n);
+        else
+          r.coefs[0][j] = static_cast<C>(invstd * weight_of(j));
+      }
+    });
     return true;  // the shift is the saved mean: no outlier pivot to move away from
   };
   // The shifts are exact: the saved mean is a P <= C number.
