@@ -145,17 +145,20 @@ def forward(
     eps: float,
     residual: Optional[torch.Tensor] = None,
     relu: bool = False,
-) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(y, save_mean, save_invstd): y = relu?(BN(input) + residual?) (the fused epilogue: residual
-    in input's layout, copied once if not), the statistics as NumPy arrays (what backward takes).
-    Training with running statistics updates them in place (as torch does); float16 running
-    statistics go through float32 and are rounded back."""
+) -> Tuple[torch.Tensor, np.ndarray, np.ndarray, tuple]:
+    """(y, save_mean, save_invstd, views): y = relu?(BN(input) + residual?) (the fused epilogue:
+    residual in input's layout, copied once if not), the statistics as NumPy arrays (what backward
+    takes), and the views of input and weight the kernels read, for backward to take again (it
+    need not look at the layout, or copy a strided input, twice). Training with running
+    statistics updates them in place (as torch does); float16 running statistics go through
+    float32 and are rounded back."""
     last = channels_last(input)
     pdtype = param_dtype(input.dtype)
     y, y_array = empty_output(input, last)
     rm, rv = _vector(running_mean, pdtype), _vector(running_var, pdtype)
+    x, w = kernel_view(input, last), _vector(weight, pdtype)
     _, save_mean, save_invstd = bnc.batch_norm_forward(
-        kernel_view(input, last), _vector(weight, pdtype), _vector(bias, pdtype), rm, rv,
+        x, w, _vector(bias, pdtype), rm, rv,
         training=training, momentum=momentum, eps=eps, axis=-1 if last else 1, out=y_array,
         residual=None if residual is None else kernel_view(residual.to(input.dtype), last),
         activation="relu" if relu else None,
@@ -164,7 +167,7 @@ def forward(
         for buffer, array in ((running_mean, rm), (running_var, rv)):
             if _copied(buffer, pdtype):
                 buffer.detach().copy_(torch.from_numpy(array))
-    return y, save_mean, save_invstd
+    return y, save_mean, save_invstd, (last, x, w)
 
 
 def backward(
@@ -177,22 +180,28 @@ def backward(
     input_grad: bool,
     y: Optional[torch.Tensor] = None,
     residual_grad: bool = False,
+    views: Optional[tuple] = None,
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(grad_input or None, grad_weight, grad_bias, grad_residual or None); the weight and bias
     gradients in the statistics' dtype (float32 for float16 input). With y (the output of a
     forward with relu) grad_out is masked by y > 0 in the same pass, and grad_residual (asked
     with residual_grad) is the masked grad_out; without y it is grad_out itself. With input_grad
-    and residual_grad False and no y only the two sums are computed."""
-    last = channels_last(input)
-    axis = -1 if last else 1
+    and residual_grad False and no y only the two sums are computed. `views`: forward's, for
+    these input and weight (autograd's saved-tensor check has refused them if they were modified
+    in place since)."""
     pdtype = param_dtype(input.dtype)
-    x = kernel_view(input, last)
+    if views is None:
+        last = channels_last(input)
+        x, w = kernel_view(input, last), _vector(weight, pdtype)
+    else:
+        last, x, w = views
+    axis = -1 if last else 1
     grad_out = grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype)
     dy = kernel_view(grad_out, last)
     if y is not None:
         dx, dx_array = empty_output(input, last)
         _, grad_weight, grad_bias, *grad_residual = bnc.batch_norm_backward(
-            dy, x, save_mean, save_invstd, _vector(weight, pdtype), training=training, axis=axis,
+            dy, x, save_mean, save_invstd, w, training=training, axis=axis,
             out=dx_array, activation="relu", y=kernel_view(y, last),
             return_residual_grad=residual_grad)
         return (dx if input_grad else None, torch.from_numpy(grad_weight),
@@ -206,9 +215,7 @@ def backward(
         return None, grad_weight, torch.from_numpy(sum_dy).to(pdtype), residual
     dx, dx_array = empty_output(input, last)
     _, grad_weight, grad_bias = bnc.batch_norm_backward(
-        dy, x, save_mean, save_invstd, _vector(weight, pdtype), training=training, axis=axis,
-        out=dx_array,
-    )
+        dy, x, save_mean, save_invstd, w, training=training, axis=axis, out=dx_array)
     return dx, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias), residual
 
 

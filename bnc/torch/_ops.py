@@ -43,8 +43,8 @@ def batch_norm(
     relu: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if not training:
-        y, mean, invstd = _bridge.forward(input, weight, bias, running_mean, running_var, False,
-                                          0.0, eps, residual, relu)
+        y, mean, invstd, _ = _bridge.forward(input, weight, bias, running_mean, running_var, False,
+                                             0.0, eps, residual, relu)
         return y, torch.from_numpy(mean), torch.from_numpy(invstd), _stats_like(input, 0)
     # Momentum 1 into zeroed statistics: the kernel's own running-statistics step leaves there
     # the batch mean and unbiased variance, at no extra pass. A channel whose statistics are not
@@ -52,8 +52,8 @@ def batch_norm(
     channels = input.shape[1]
     mean_out = torch.zeros(channels, dtype=_bridge.param_dtype(input.dtype))
     var_out = torch.zeros_like(mean_out)
-    y, mean, invstd = _bridge.forward(input, weight, bias, mean_out, var_out, True, 1.0, eps,
-                                      residual, relu)
+    y, mean, invstd, _ = _bridge.forward(input, weight, bias, mean_out, var_out, True, 1.0, eps,
+                                         residual, relu)
     mean, invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
     skipped = ~(torch.isfinite(mean) & torch.isfinite(invstd) & (invstd > 0))
     if bool(skipped.any()):

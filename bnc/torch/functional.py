@@ -23,10 +23,11 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, call):
         running_mean, running_var, training, momentum, eps, relu = call
-        y, mean, invstd = _bridge.forward(input, weight, bias, running_mean, running_var,
-                                          training, momentum, eps, residual, relu)
+        y, mean, invstd, views = _bridge.forward(input, weight, bias, running_mean, running_var,
+                                                 training, momentum, eps, residual, relu)
         ctx.save_for_backward(input, weight, y if relu else None)
         ctx.stats = (mean, invstd)  # NumPy arrays of ours: nothing the caller can modify
+        ctx.views = views  # (saved_tensors still checks input and weight for in-place changes)
         ctx.training = training
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
@@ -45,7 +46,7 @@ def _backward(ctx, grad_y):
     input, weight, y = ctx.saved_tensors
     need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
     dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
-        grad_y, input, weight, *ctx.stats, ctx.training, need_input, y, need_residual)
+        grad_y, input, weight, *ctx.stats, ctx.training, need_input, y, need_residual, ctx.views)
     return (dx if need_input else None,
             _as_dtype(grad_weight, weight.dtype) if need_weight else None,
             _as_dtype(grad_bias, ctx.bias_dtype) if need_bias else None,
