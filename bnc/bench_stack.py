@@ -132,6 +132,9 @@ def _compiled_stack(torch, x_t, dy_t, residual, params):
             x = torch.relu(t + x if residual else t)
         return x
 
+    # Each case compiled afresh: dynamo caches by code object, and this one serves every case (its
+    # recompile limit, 8, would send the later cases to eager silently).
+    torch._dynamo.reset()
     compiled = torch.compile(stack)
     x_grad = x_t.detach().clone().requires_grad_()
 
