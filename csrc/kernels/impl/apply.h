@@ -130,25 +130,22 @@ void apply_range(const Geometry& geometry, const Map& map, const Coefs<T, Map::k
   const C* lane_coef[K];
   for (int k = 0; k < K; ++k) lane_coef[k] = cf.by_lane[k];
   const int64_t width = cf.width;
-  // Here the map's pointers too: three or four inputs reloaded after every store (the ReLU
-  // backward's y and grad_residual) cost more than the data from cache.
-  const Map lane_map = map;
   // Lane of element e, from the arrays' first (a chunk's arrays hold its lanes only: its pieces
   // never reach the row's end, so j never wraps there).
   int64_t j = e % width - origin * cf.inner;
   auto one = [&]() BNC_INLINE {
     C ks[K];
     for (int k = 0; k < K; ++k) ks[k] = lane_coef[k][j];
-    out[e] = narrow<T>(lane_map.one(e, ks));
+    out[e] = narrow<T>(map.one(e, ks));
     ++e;
     if (++j == width) j = 0;
   };
   while (e < end && !aligned(e)) one();
   for (; e + W <= end; e += W) {
-    if (e < prefetch_end) lane_map.prefetch(e + ahead, W);
+    if (e < prefetch_end) map.prefetch(e + ahead, W);
     V kv[K];
     for (int k = 0; k < K; ++k) kv[k] = load<V>(lane_coef[k] + j);
-    put<Stream>(out + e, lane_map.vec(e, kv));
+    put<Stream>(out + e, map.vec(e, kv));
     j += W;
     while (j >= width) j -= width;  // no division: rows are at least a few vectors long
   }
