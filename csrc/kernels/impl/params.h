@@ -70,7 +70,8 @@ constexpr int64_t kSerialBytes = 128 * 1024;
 // sequential stream, prefetched kInOrderPrefetchBytes ahead) instead of blocked.
 constexpr int64_t kInOrderMaxRowBytes = 2048;
 constexpr int64_t kInOrderPrefetchBytes = 4096;
-// The same for the terms of two or three inputs (the backward's), from cache too, rows up to this.
+// The same for the terms of two or three inputs (the backward's), from cache too, rows of more
+// than kInOrderMaxRowBytes and up to this.
 constexpr int64_t kInOrderManyInputsMaxRowBytes = 4096;
 // Segments shorter than this get per-lane coefficients (a flat loop with no per-row bookkeeping).
 constexpr int64_t kPeriodicBelowInner = 16;

@@ -99,13 +99,15 @@ void reduce_task(const Plan& p, const Terms& terms, const double* shifts, int64_
     }
     if constexpr (kFloatPartials<Terms>)  // the lanes' shifts in float, for either read order
       for (int64_t j = 0; j < lanes; ++j) s.part_shift[j] = static_cast<float>(lane_shift[j]);
-    // In order also from cache for terms of several inputs (the backward's dy, x and y): the
-    // blocked order's kPartialRows rows of each are that many streams at once (docs/tuning.md).
+    // In order also from cache for terms of several inputs (the backward's dy, x and y) in rows
+    // of 2 to 4 KiB: the blocked order's kPartialRows rows of each are that many streams at once,
+    // in one L1 set at 4 KiB. Narrower rows keep their sums in registers (docs/tuning.md).
     const int64_t row_bytes = lanes * static_cast<int64_t>(sizeof(T));
     const bool in_order =
         p.num_chunks == 1 &&
         ((row_bytes <= kInOrderMaxRowBytes && streaming_output(g, sizeof(T))) ||
-         (Terms::kInputs > 1 && row_bytes <= kInOrderManyInputsMaxRowBytes));
+         (Terms::kInputs > 1 && row_bytes > kInOrderMaxRowBytes &&
+          row_bytes <= kInOrderManyInputsMaxRowBytes));
     auto read = [&](const RowPiece& q, int64_t q0, int64_t q1) {
       if (!in_order) {
         reduce_rows_blocked(terms, q, q0, q1, s, p.num_chunks > 1);
