@@ -11,21 +11,14 @@ namespace bnc {
 namespace BNC_ISA {
 namespace {
 
-// Calls f with a function of j: weight[c0 + j] as a double, or 1 without weights (bias: 0), so
-// that a per-channel loop has no branch on the pointer inside.
+// Calls f with a function of j: param[c0 + j] as a double, or `absent` (1 for a weight, 0 for a
+// bias) without the array, so that a per-channel loop has no branch on the pointer inside.
 template <class P, class F>
-void with_weight(const P* weight, int64_t c0, F&& f) {
-  if (weight)
-    f([=](int64_t j) BNC_INLINE { return static_cast<double>(weight[c0 + j]); });
+void with_param(const P* param, int64_t c0, double absent, F&& f) {
+  if (param)
+    f([=](int64_t j) BNC_INLINE { return static_cast<double>(param[c0 + j]); });
   else
-    f([](int64_t) BNC_INLINE { return 1.0; });
-}
-template <class P, class F>
-void with_shift(const P* bias, int64_t c0, F&& f) {
-  if (bias)
-    f([=](int64_t j) BNC_INLINE { return static_cast<double>(bias[c0 + j]); });
-  else
-    f([](int64_t) BNC_INLINE { return 0.0; });
+    f([=](int64_t) BNC_INLINE { return absent; });
 }
 
 // Calls f with the forward map M<T, residual?, relu?> of the epilogue.
@@ -70,7 +63,7 @@ int64_t forward_train_with(const Map& map, const T* x, Geometry g, const P* weig
       for (int64_t j = 0; j < count; ++j) scale[j] = invstd[j] * static_cast<double>(weight[c0 + j]);
     else
       for (int64_t j = 0; j < count; ++j) scale[j] = invstd[j];
-    with_shift(bias, c0, [&](auto shift_of) {
+    with_param(bias, c0, 0.0, [&](auto shift_of) {
       for (int64_t j = 0; j < count; ++j) set_normalize(r.coefs, j, mean[j], scale[j], shift_of(j));
     });
     // The running statistics here, once per channel (the schedule finalizes each channel once).
@@ -224,7 +217,7 @@ int64_t backward_with(const Map& map, const MaskedDy<T, Relu>& mask, const T* dy
       grad_weight[c0 + j] = static_cast<P>(r.sums_b[j] * static_cast<double>(save_invstd[c0 + j]));
     }
     // Loops of their own per weight or none, with no branch inside: they vectorize.
-    with_weight(weight, c0, [&](auto weight_of) {
+    with_param(weight, c0, 1.0, [&](auto weight_of) {
       for (int64_t j = 0; j < count; ++j) {
         const double invstd = static_cast<double>(save_invstd[c0 + j]);
         if constexpr (Map::kCoefs > 1)  // training (the eval map has one coefficient)
