@@ -58,13 +58,12 @@ int64_t forward_train_with(const Map& map, const T* x, Geometry g, const P* weig
       save_mean[c0 + j] = static_cast<P>(mean[j]);
       save_invstd[c0 + j] = static_cast<P>(invstd[j]);
     }
-    double* const scale = scaled_var;  // free again: bn_scale's values, in loops that vectorize
-    if (weight)
-      for (int64_t j = 0; j < count; ++j) scale[j] = invstd[j] * static_cast<double>(weight[c0 + j]);
-    else
-      for (int64_t j = 0; j < count; ++j) scale[j] = invstd[j];
-    with_param(bias, c0, 0.0, [&](auto shift_of) {
-      for (int64_t j = 0; j < count; ++j) set_normalize(r.coefs, j, mean[j], scale[j], shift_of(j));
+    // (invstd * 1 is invstd exactly: bn_scale's values without a weight)
+    with_param(weight, c0, 1.0, [&](auto weight_of) {
+      with_param(bias, c0, 0.0, [&](auto shift_of) {
+        for (int64_t j = 0; j < count; ++j)
+          set_normalize(r.coefs, j, mean[j], invstd[j] * weight_of(j), shift_of(j));
+      });
     });
     // The running statistics here, once per channel (the schedule finalizes each channel once).
     // A channel whose statistics are not finite keeps its running ones (selects, no branch: the
@@ -74,22 +73,18 @@ int64_t forward_train_with(const Map& map, const T* x, Geometry g, const P* weig
     };
     int64_t skips = 0;
     for (int64_t j = 0; j < count; ++j) skips += 1 - finite(j);
-    if (running_mean)
+    // running = (1 - momentum) * running + momentum * batch * factor (factor 1 is exact).
+    auto update = [&](P* running, const double* batch, double factor) BNC_INLINE {
+      if (!running) return;
       for (int64_t j = 0; j < count; ++j) {
-        const bool ok = finite(j);
-        const P old = running_mean[c0 + j];
+        const P old = running[c0 + j];
         const P updated = static_cast<P>((1.0 - momentum) * static_cast<double>(old) +
-                                         momentum * mean[j]);
-        running_mean[c0 + j] = ok ? updated : old;
+                                         momentum * batch[j] * factor);
+        running[c0 + j] = finite(j) ? updated : old;
       }
-    if (running_var)
-      for (int64_t j = 0; j < count; ++j) {
-        const bool ok = finite(j);
-        const P old = running_var[c0 + j];
-        const P updated = static_cast<P>((1.0 - momentum) * static_cast<double>(old) +
-                                         momentum * var[j] * unbias);
-        running_var[c0 + j] = ok ? updated : old;
-      }
+    };
+    update(running_mean, mean, 1.0);
+    update(running_var, var, unbias);
     if (skips) __atomic_fetch_add(&skipped, skips, __ATOMIC_RELAXED);
     return true;
   };
