@@ -5,8 +5,8 @@ A fresh 100 MB array costs ~25 ms of page faults the first time it is written, s
 batch norm that writes it; a training loop allocates the same sizes every step. So outputs of at
 least MIN_BYTES bytes (y, dx, and bnc.torch's tensors) take their memory from here: a block of
 exactly that size that an earlier output gave back, or a new one. An output gives its block back
-when the last array, view or tensor that uses its memory is gone (the `__del__` of the buffer
-object every view keeps alive), never earlier. The pool keeps at most `limit` bytes of such
+when the last array, view or tensor that uses its memory is gone (the destructor of the capsule
+every view keeps alive), never earlier. The pool keeps at most `limit` bytes of such
 blocks, the most recently returned first; older ones go back to the system. Thread-safe.
 
 bnc.set_output_pool_bytes(n) sets the limit (0 switches the pool off: every output is a fresh
@@ -15,110 +15,44 @@ np.empty); the environment variable BNC_OUTPUT_POOL_BYTES sets it at import. Def
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import threading
-from collections import OrderedDict
-from typing import List, Optional, Tuple
 
-import numpy as np
+from . import _core
 
 # Smaller outputs: plain np.empty. Between 256 KiB and a few MiB glibc's malloc usually reuses freed
 # blocks without page faults, but not always: in a stack of layers whose outputs are kept, then
 # freed in reverse, it trims its heap and every output faults in again (docs/benchmarks.md,
-# "Output allocation in a loop": 4x a step of 1 MiB layers). A pooled output costs ~2 us more
-# than np.empty (an allocate/drop cycle 2.2 us against 0.24).
+# "Output allocation in a loop": 4x a step of 1 MiB layers).
 MIN_BYTES = 256 << 10
 DEFAULT_LIMIT = 1 << 30
-_ALIGN = 64
-
-
-@functools.lru_cache(maxsize=256)
-def _lease_type(nbytes: int) -> type:
-    """The buffer type of one output of `nbytes` bytes: a ctypes array over a pool block, which
-    every NumPy view and torch tensor of the output keeps alive; when the last one is gone,
-    `__del__` gives the block back (cheaper than weakref.finalize: the pool's allocate/drop cycle
-    2.2 us, was 3.8)."""
-
-    class Lease(ctypes.c_char * nbytes):
-        def __del__(self) -> None:
-            try:
-                self._pool._give_back(nbytes, self._block)
-            except Exception:  # interpreter shutdown: module globals may be gone
-                pass
-
-    return Lease
 
 
 class OutputPool:
+    """The pool's Python face; its blocks are kept by bnc._core (csrc/bindings/pool.cpp: there
+    an allocate/drop cycle costs about what np.empty does). A block is 64-byte aligned and goes
+    back to the pool in the destructor of the capsule that every view of its array, and every
+    torch tensor made from one, keeps alive. Thread-safe: the GIL serializes the pool's
+    functions."""
+
     def __init__(self, limit: int) -> None:
-        # Re-entrant: a lease's __del__ may run inside empty() (a reference cycle collected there).
-        self._lock = threading.RLock()
         self._limit = limit
-        self._held = 0
-        # returned blocks, oldest first: key -> (nbytes, block); a block is (array, aligned offset)
-        self._free: "OrderedDict[int, Tuple[int, Tuple[np.ndarray, int]]]" = OrderedDict()
-        self._by_size: dict = {}  # nbytes -> [keys]
-        self._next_key = 0
+        _core.pool_configure(limit, MIN_BYTES)
+
+    # An uninitialized C-contiguous array, like np.empty(shape, dtype) (no Python frame: it is on
+    # every call of a small layer).
+    empty = staticmethod(_core.pool_empty)
 
     @property
     def limit(self) -> int:
         return self._limit
 
     def set_limit(self, limit: int) -> None:
-        with self._lock:
-            self._limit = limit
-            self._evict(0)
+        self._limit = limit
+        _core.pool_configure(limit, MIN_BYTES)
 
     def held_bytes(self) -> int:
         """Bytes of returned blocks the pool holds now."""
-        return self._held
-
-    def empty(self, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """An uninitialized C-contiguous array, like np.empty."""
-        dtype = np.dtype(dtype)
-        nbytes = dtype.itemsize
-        for n in shape:
-            nbytes *= n
-        if nbytes < MIN_BYTES or self._limit == 0:
-            return np.empty(shape, dtype)
-        block = self._take(nbytes)
-        if block is None:
-            array = np.empty(nbytes + _ALIGN, np.uint8)
-            block = (array, -array.ctypes.data % _ALIGN)  # on a cache line
-        lease = _lease_type(nbytes).from_buffer(block[0], block[1])
-        lease._pool = self
-        lease._block = block
-        return np.ndarray(shape, dtype, lease)
-
-    def _take(self, nbytes: int) -> Optional[Tuple[np.ndarray, int]]:
-        with self._lock:
-            keys: List[int] = self._by_size.get(nbytes)
-            if not keys:
-                return None
-            key = keys.pop()  # the most recently returned: still in cache, perhaps
-            _, block = self._free.pop(key)
-            self._held -= nbytes
-            return block
-
-    def _give_back(self, nbytes: int, block: Tuple[np.ndarray, int]) -> None:
-        with self._lock:
-            if nbytes > self._limit:
-                return
-            self._evict(nbytes)
-            key = self._next_key
-            self._next_key += 1
-            self._free[key] = (nbytes, block)
-            self._by_size.setdefault(nbytes, []).append(key)
-            self._held += nbytes
-
-    def _evict(self, room: int) -> None:
-        """Drops the oldest blocks until `room` more bytes fit under the limit."""
-        while self._free and self._held + room > self._limit:
-            key, (nbytes, _) = self._free.popitem(last=False)
-            self._by_size[nbytes].remove(key)
-            self._held -= nbytes
+        return _core.pool_held_bytes()
 
 
 def _initial_limit() -> int:

@@ -5,12 +5,14 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings/batch_norm.h"
+#include "bindings/pool.h"
 #include "bindings/runtime.h"
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "bnc's C++ kernels (internal; use bnc.batch_norm_forward / bnc.BatchNorm*d)";
   bnc_bindings::bind_batch_norm(m);
   bnc_bindings::bind_runtime(m);
+  bnc_bindings::bind_pool(m);
   m.attr("__version__") = BNC_VERSION;
 #ifdef BNC_SANITIZED
   m.attr("sanitized") = true;

@@ -17,8 +17,9 @@ from . import _bridge, _ops
 class _BatchNormFunction(torch.autograd.Function):
     """Eager forward and backward. Running statistics are updated in the forward (as torch's
     batch norm does); the backward is once differentiable. The arguments autograd need not see
-    (running statistics, scalars) travel in one tuple, `call`: apply's cost grows with the number
-    of arguments."""
+    (running statistics, scalars) travel in one tuple, `call`, and what backward needs besides
+    the saved tensors in one ctx attribute: apply's cost grows with the number of arguments,
+    and each ctx attribute is a Python setattr."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, call):
@@ -26,11 +27,10 @@ class _BatchNormFunction(torch.autograd.Function):
         y, mean, invstd, views = _bridge.forward(input, weight, bias, running_mean, running_var,
                                                  training, momentum, eps, residual, relu)
         ctx.save_for_backward(input, weight, y if relu else None)
-        ctx.stats = (mean, invstd)  # NumPy arrays of ours: nothing the caller can modify
-        ctx.views = views  # (saved_tensors still checks input and weight for in-place changes)
-        ctx.training = training
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.residual_dtype = None if residual is None else residual.dtype
+        # The statistics are NumPy arrays of ours (nothing the caller can modify); the views
+        # are input's and weight's, which saved_tensors still checks for in-place changes.
+        ctx.state = (mean, invstd, views, training, None if bias is None else bias.dtype,
+                     None if residual is None else residual.dtype)
         return y
 
     @staticmethod
@@ -44,25 +44,21 @@ class _BatchNormFunction(torch.autograd.Function):
 
 def _backward(ctx, grad_y):
     input, weight, y = ctx.saved_tensors
-    need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    mean, invstd, views, training, bias_dtype, residual_dtype = ctx.state
+    need_input, need_weight, need_bias, need_residual, _ = ctx.needs_input_grad
     dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
-        grad_y, input, weight, *ctx.stats, ctx.training, need_input, y, need_residual, ctx.views)
-    return (dx if need_input else None,
-            _as_dtype(grad_weight, weight.dtype) if need_weight else None,
-            _as_dtype(grad_bias, ctx.bias_dtype) if need_bias else None,
-            _as_dtype(grad_residual, ctx.residual_dtype) if need_residual else None,
-            None)
+        grad_y, input, weight, mean, invstd, training, need_input, y, need_residual, views)
+    if need_weight and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if need_bias and grad_bias.dtype != bias_dtype:
+        grad_bias = grad_bias.to(bias_dtype)
+    if need_residual and grad_residual.dtype != residual_dtype:
+        grad_residual = grad_residual.to(residual_dtype)
+    return (dx if need_input else None, grad_weight if need_weight else None,
+            grad_bias if need_bias else None, grad_residual if need_residual else None, None)
 
 
 _backward_once = once_differentiable(_backward)
-
-
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def run(
@@ -106,7 +102,10 @@ def run(
         return y
     if num_batches_tracked is not None:
         momentum = 1.0 / float(num_batches_tracked)
-    if not _needs_grad(input, weight, bias, residual):
+    if not torch.is_grad_enabled() or not (
+            input.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)):
         return _bridge.forward(input, weight, bias, running_mean, running_var, training,
                                momentum, eps, residual, relu)[0]
     return _BatchNormFunction.apply(input, weight, bias, residual,
