@@ -37,6 +37,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy(force=True)  # (detaches: cheaper than .detach().numpy())
 
 
+_STRIDED = torch.strided
+
+
 def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether bnc computes this call: CPU tensors of 2 to 5 dimensions, float32 or float64 with
     parameters of the same dtype, or float16 or bfloat16 with float32 parameters or their own
@@ -45,15 +48,15 @@ def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     torch's own errors for what it refuses."""
     # (is_cpu, layout identity and integer sizes: comparing a torch.Size with a tuple goes
     # through symbolic-shape code, microseconds per call)
-    if not input.is_cpu or not 2 <= input.dim() <= 5 or input.layout is not torch.strided:
+    if not input.is_cpu or not 2 <= input.dim() <= 5 or input.layout is not _STRIDED:
         return False
     allowed = _PARAM_DTYPES.get(input.dtype)
     if allowed is None:
         return False
     channels = input.shape[1]
-    for p in params:
+    for p in params:  # (numel: a 1-D tensor's length, cheaper than shape[0])
         if p is not None and (not p.is_cpu or p.dtype not in allowed or p.dim() != 1
-                              or p.shape[0] != channels or p.layout is not torch.strided):
+                              or p.numel() != channels or p.layout is not _STRIDED):
             return False
     return True
 
@@ -125,13 +128,16 @@ def _copied(t: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
 
 def check_batch(input: torch.Tensor) -> None:
     """torch's check (torch.nn.functional._verify_batch_size), with its message."""
-    size = input.size()
-    values = size[0]
-    for s in size[2:]:
-        values *= s
+    channels = input.shape[1]
+    if channels:  # values per channel: all of them over the channels
+        values = input.numel() // channels
+    else:
+        values = input.shape[0]
+        for s in input.shape[2:]:
+            values *= s
     if values == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {size}")
+            f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
 def forward(
