@@ -109,6 +109,34 @@ def test_backward_masks_dy_in_the_same_pass(shape, axis, dtype, training, stream
         assert np.array_equal(dx2.view(np.uint8), dx0.view(np.uint8))
 
 
+# Streamed, these keep the ReLU's y > 0 as bits between the backward's reduce and its apply (row
+# family, rows of a multiple of 64 elements, unfused; csrc/kernels/impl/bits.h): against the
+# composite, with NaN, zeros and negative zeros in y.
+BITS_SHAPES = [((256, 1024), 1), ((2048, 64), 1), ((16, 8, 8, 256), -1), ((1024, 192), 1)]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [F16, F32, BF16], ids=str)
+@pytest.mark.parametrize("shape,axis", BITS_SHAPES, ids=str)
+def test_backward_relu_bits_mask_as_y_does(shape, axis, dtype, training, stream_threshold):
+    x, _, dy = _data(shape, dtype)
+    c = shape[axis]
+    w, b, _, _ = _params(c, dtype)
+    y, m, s = bnc.batch_norm_forward(x, w, b, axis=axis, activation="relu")
+    y.flat[::7] = np.nan
+    y.flat[3::11] = 0
+    y.flat[5::13] = -0.0
+    masked = np.where(y.astype(F64) > 0, dy, np.zeros_like(dy))
+    _core._set_stream_threshold_bytes(0)
+    dx, gw, gb, gr = bnc.batch_norm_backward(dy, x, m, s, w, training=training, axis=axis,
+                                             activation="relu", y=y, return_residual_grad=True)
+    dx1, _, _ = bnc.batch_norm_backward(dy, x, m, s, w, training=training, axis=axis,
+                                        activation="relu", y=y)
+    dx0, gw0, gb0 = bnc.batch_norm_backward(masked, x, m, s, w, training=training, axis=axis)
+    for got, want in ((dx, dx0), (dx1, dx0), (gw, gw0), (gb, gb0), (gr, masked)):
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
 def test_residual_gradient_without_activation_is_dy():
     x, residual, dy = _data((8, 3, 4), F32)
     y, m, s = bnc.batch_norm_forward(x, residual=residual)

@@ -97,12 +97,12 @@ inline void set_batch_norm(C* const* k, int64_t j, double mean, double invstd, c
 }
 
 // The inputs of the training backward maps: dy (masked) and x, prefetched together.
-template <class T, bool Relu>
+template <class T, bool Relu, bool Bits>
 struct GradInputs {
   const T* dy;
   const T* x;
   T* out;
-  MaskedDy<T, Relu> mask;
+  MaskedDy<T, Relu, Bits> mask;
   void prefetch(int64_t off, int64_t count) const {
     prefetch_piece(dy + off, count);
     prefetch_piece(x + off, count);
@@ -114,15 +114,15 @@ struct GradInputs {
 // b = -a * invstd^2 * sum(dy * (x - mean)) / n and k = -a * sum(dy) / n. The mean is a number of
 // the compute type (float for float32 and float16 data), so x - mean is exact where it matters.
 // For tensors whose a * invstd stays well inside the range (grad_train_in_range).
-template <class T, bool Relu = false>
-struct GradTrainMap : GradInputs<T, Relu> {
-  using GradInputs<T, Relu>::dy;
-  using GradInputs<T, Relu>::x;
-  using GradInputs<T, Relu>::mask;
+template <class T, bool Relu = false, bool Bits = false>
+struct GradTrainMap : GradInputs<T, Relu, Bits> {
+  using GradInputs<T, Relu, Bits>::dy;
+  using GradInputs<T, Relu, Bits>::x;
+  using GradInputs<T, Relu, Bits>::mask;
   using C = Compute<T>;
   static constexpr int kCoefs = 4;  // a, mean, b, k
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = Relu ? 3 : 2;
+  static constexpr int kInputs = 2 + MaskedDy<T, Relu, Bits>::kApplyInputs;
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
     return k[0] * mask.vec(dy, off) + k[2] * (load_compute(x + off) - k[1]) + k[3];
   }
@@ -135,15 +135,15 @@ struct GradTrainMap : GradInputs<T, Relu> {
 // k = sum(dy) / n and g = invstd * sum(dy * (x - mean)) / n: every intermediate is of the order of
 // dy or of the normalized x, where b above leaves the range (spreads of 1e16 in float32, 1e146 in
 // float64). One more coefficient per element.
-template <class T, bool Relu = false>
-struct GradTrainWideMap : GradInputs<T, Relu> {
-  using GradInputs<T, Relu>::dy;
-  using GradInputs<T, Relu>::x;
-  using GradInputs<T, Relu>::mask;
+template <class T, bool Relu = false, bool Bits = false>
+struct GradTrainWideMap : GradInputs<T, Relu, Bits> {
+  using GradInputs<T, Relu, Bits>::dy;
+  using GradInputs<T, Relu, Bits>::x;
+  using GradInputs<T, Relu, Bits>::mask;
   using C = Compute<T>;
   static constexpr int kCoefs = 5;  // a, mean, invstd, g, k
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = Relu ? 3 : 2;
+  static constexpr int kInputs = 2 + MaskedDy<T, Relu, Bits>::kApplyInputs;
   Vec<T> vec(int64_t off, const Vec<T>* k) const {
     const Vec<T> normalized = (load_compute(x + off) - k[1]) * k[2];
     return k[0] * ((mask.vec(dy, off) - k[4]) - normalized * k[3]);
@@ -155,15 +155,15 @@ struct GradTrainWideMap : GradInputs<T, Relu> {
 };
 
 // Backward, inference: dx = a * dy (the statistics are constants).
-template <class T, bool Relu = false>
+template <class T, bool Relu = false, bool Bits = false>
 struct GradEvalMap {
   using C = Compute<T>;
   static constexpr int kCoefs = 1;
   static constexpr bool kWrites = true;
-  static constexpr int kInputs = Relu ? 2 : 1;
+  static constexpr int kInputs = 1 + MaskedDy<T, Relu, Bits>::kApplyInputs;
   const T* dy;
   T* out;
-  MaskedDy<T, Relu> mask;
+  MaskedDy<T, Relu, Bits> mask;
   void prefetch(int64_t off, int64_t count) const {
     prefetch_piece(dy + off, count);
     mask.prefetch(off, count);

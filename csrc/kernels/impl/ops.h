@@ -194,8 +194,8 @@ int64_t backward_reduce(const T* dy, const T* x, Geometry g, const double* mean,
   return 0;
 }
 
-template <class T, class P, class Map, bool Relu>
-int64_t backward_with(const Map& map, const MaskedDy<T, Relu>& mask, const T* dy, const T* x,
+template <class T, class P, class Map, bool Relu, bool Bits>
+int64_t backward_with(const Map& map, const MaskedDy<T, Relu, Bits>& mask, const T* dy, const T* x,
                       Geometry g, const P* save_mean, const P* save_invstd, const P* weight,
                       P* grad_weight, P* grad_bias, int num_threads) {
   using C = Compute<T>;
@@ -225,33 +225,66 @@ int64_t backward_with(const Map& map, const MaskedDy<T, Relu>& mask, const T* dy
     return true;  // the shift is the saved mean: no outlier pivot to move away from
   };
   // The shifts are exact: the saved mean is a P <= C number.
-  run_schedule(p, GradTerms<T, Relu>{dy, x, mask}, MeanShifts<T, P>{save_mean}, finalize, map, st,
-               threads);
+  run_schedule(p, GradTerms<T, Relu, Bits>{dy, x, mask}, MeanShifts<T, P>{save_mean}, finalize, map,
+               st, threads);
   return 0;
 }
 
-template <class T, class P, bool Relu>
-int64_t backward_masked(const T* dy, const T* x, T* dx, MaskedDy<T, Relu> mask, Geometry g,
+template <class T, class P, bool Relu, bool Bits>
+int64_t backward_masked(const T* dy, const T* x, T* dx, MaskedDy<T, Relu, Bits> mask, Geometry g,
                         const P* save_mean, const P* save_invstd, const P* weight, bool training,
                         P* grad_weight, P* grad_bias, int num_threads) {
   if (training && grad_train_in_range<Compute<T>>(save_invstd, weight, g.channels))
-    return backward_with(GradTrainMap<T, Relu>{{dy, x, dx, mask}}, mask, dy, x, g, save_mean,
-                         save_invstd, weight, grad_weight, grad_bias, num_threads);
-  if (training)
-    return backward_with(GradTrainWideMap<T, Relu>{{dy, x, dx, mask}}, mask, dy, x, g,
+    return backward_with(GradTrainMap<T, Relu, Bits>{{dy, x, dx, mask}}, mask, dy, x, g,
                          save_mean, save_invstd, weight, grad_weight, grad_bias, num_threads);
-  return backward_with(GradEvalMap<T, Relu>{dy, dx, mask}, mask, dy, x, g, save_mean,
+  if (training)
+    return backward_with(GradTrainWideMap<T, Relu, Bits>{{dy, x, dx, mask}}, mask, dy, x, g,
+                         save_mean, save_invstd, weight, grad_weight, grad_bias, num_threads);
+  return backward_with(GradEvalMap<T, Relu, Bits>{dy, dx, mask}, mask, dy, x, g, save_mean,
                        save_invstd, weight, grad_weight, grad_bias, num_threads);
+}
+
+// Bytes of the ReLU backward's bits (one per element) for a tensor of geometry g, or 0 where they
+// do not pay or cannot be written safely. They pay where the inputs come from memory (tensors as
+// large as the streaming threshold): one input stream less in the apply. From cache, reading y
+// costs less than unpacking the bits (relu backward (256, 1024): +40%). Only the row family's
+// unfused plans (the segment family's reduce is other code), only float compute types (the
+// caller's constexpr check: they write the bits in their first, float, reduce), and only where
+// each row piece starts on a 64-element boundary, so that no two tasks share a byte of bits.
+// At most kMaxReluBitsBytes: larger tensors read y again (the workspace stays bounded).
+template <class T>
+int64_t backward_relu_bits(const Geometry& g) {
+  const Plan p = make_plan(g, sizeof(T));
+  const int64_t row = g.channels * g.inner;
+  if (!p.row_family || p.fused || p.fold != 1 || row % 64 != 0 ||
+      p.chunk_channels * g.inner % 64 != 0 || !streaming_output(g, sizeof(T)))
+    return 0;
+  const int64_t bytes = ceil_div(g.size(), 8);
+  return bytes <= kMaxReluBitsBytes ? bytes : 0;
 }
 
 template <class T, class P>
 int64_t backward(const T* dy, const T* x, T* dx, BackwardEpilogue<T> epilogue, Geometry g,
                  const P* save_mean, const P* save_invstd, const P* weight, bool training,
                  P* grad_weight, P* grad_bias, int num_threads) {
-  if (epilogue.y)
+  if (epilogue.y) {
+    if constexpr (sizeof(Compute<T>) == 4) {  // (not instantiated for double data)
+      if (const int64_t bytes = backward_relu_bits<T>(g)) {
+        void* const bits = std::malloc(static_cast<size_t>(bytes + kBitsPadding));
+        if (bits == nullptr) return -1;
+        const int64_t status = backward_masked(
+            dy, x, dx,
+            MaskedDy<T, true, true>{epilogue.y, epilogue.grad_residual,
+                                    static_cast<uint8_t*>(bits)},
+            g, save_mean, save_invstd, weight, training, grad_weight, grad_bias, num_threads);
+        std::free(bits);
+        return status;
+      }
+    }
     return backward_masked(dy, x, dx, MaskedDy<T, true>{epilogue.y, epilogue.grad_residual}, g,
                            save_mean, save_invstd, weight, training, grad_weight, grad_bias,
                            num_threads);
+  }
   return backward_masked(dy, x, dx, MaskedDy<T, false>{nullptr, nullptr}, g, save_mean,
                          save_invstd, weight, training, grad_weight, grad_bias, num_threads);
 }

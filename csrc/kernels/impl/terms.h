@@ -2,6 +2,7 @@
 // shift (forward moments; backward sums of dy and dy * (x - mean)).
 #pragma once
 
+#include "kernels/impl/bits.h"
 #include "kernels/impl/simd.h"
 
 namespace bnc {
@@ -43,14 +44,22 @@ struct MomentTerms {
 };
 
 // dy, masked by y > 0 when the forward ended in a ReLU (BackwardEpilogue; a NaN y masks), and
-// written to grad_residual when asked (exact: the masked dy is dy or 0).
-template <class T, bool Relu>
+// written to grad_residual when asked (exact: the masked dy is dy or 0). With Bits the reduce
+// (the sum_ and _d functions) also writes y > 0 as bits, one per element at its offset, and the
+// apply (vec, one) reads those instead of y: a third input stream less on the second sweep
+// (backward_relu_bits says where). The bits are the selects' own conditions: the same results.
+template <class T, bool Relu, bool Bits = false>
 struct MaskedDy {
   const T* y;
   T* grad_residual;
+  uint8_t* bits = nullptr;
   Vec<T> vec(const T* dy, int64_t off) const {
     Vec<T> g = load_compute(dy + off);
-    if constexpr (Relu) {
+    if constexpr (Relu && Bits) {
+      g = lanes_of<Vec<T>>(load_bits(bits, off, static_cast<int>(kVecElems<T>))) ? in_register(g)
+                                                                                  : Vec<T>{};
+      if (grad_residual) store_compute(grad_residual + off, g);
+    } else if constexpr (Relu) {
       g = load_compute(y + off) > Compute<T>(0) ? in_register(g) : Vec<T>{};
       if (grad_residual) store_compute(grad_residual + off, g);
     }
@@ -58,50 +67,82 @@ struct MaskedDy {
   }
   Compute<T> one(const T* dy, int64_t off) const {
     Compute<T> g = widen(dy[off]);
-    if constexpr (Relu) {
+    if constexpr (Relu && Bits) {
+      g = load_bits(bits, off, 1) ? g : Compute<T>(0);
+      if (grad_residual) grad_residual[off] = narrow<T>(g);
+    } else if constexpr (Relu) {
       g = widen(y[off]) > Compute<T>(0) ? g : Compute<T>(0);
       if (grad_residual) grad_residual[off] = narrow<T>(g);
     }
     return g;
   }
-  // For the sums (nothing stored): in the compute type, and in double (exact widenings).
+  // For the sums (nothing stored but the bits): in the compute type, and in double (exact
+  // widenings).
   Vec<T> sum_vec(const T* dy, int64_t off) const {
     const Vec<T> g = load_compute(dy + off);
+    if constexpr (Relu && Bits) {
+      const Vec<T> v = load_compute(y + off);
+      store_bits(bits, off, positive_bits(v), static_cast<int>(kVecElems<T>));
+      return v > Compute<T>(0) ? in_register(g) : Vec<T>{};
+    }
     if constexpr (Relu) return load_compute(y + off) > Compute<T>(0) ? in_register(g) : Vec<T>{};
     return g;
   }
   Compute<T> sum_one(const T* dy, int64_t off) const {
     const Compute<T> g = widen(dy[off]);
+    if constexpr (Relu && Bits) {
+      const bool positive = widen(y[off]) > Compute<T>(0);
+      store_bits(bits, off, positive, 1);
+      return positive ? g : Compute<T>(0);
+    }
     if constexpr (Relu) return widen(y[off]) > Compute<T>(0) ? g : Compute<T>(0);
     return g;
   }
   vd vec_d(const T* dy, int64_t off) const {
     vd g = load_vd(dy + off);
-    if constexpr (Relu) g = load_vd(y + off) > 0.0 ? in_register(g) : vd{};
+    if constexpr (Relu && Bits) {
+      const vd v = load_vd(y + off);
+      store_bits(bits, off, positive_bits(v), static_cast<int>(kDoublesPerVec));
+      g = v > 0.0 ? in_register(g) : vd{};
+    } else if constexpr (Relu) {
+      g = load_vd(y + off) > 0.0 ? in_register(g) : vd{};
+    }
     return g;
   }
   double one_d(const T* dy, int64_t off) const {
     double g = static_cast<double>(widen(dy[off]));
-    if constexpr (Relu) g = widen(y[off]) > Compute<T>(0) ? g : 0.0;
+    if constexpr (Relu && Bits) {
+      const bool positive = widen(y[off]) > Compute<T>(0);
+      store_bits(bits, off, positive, 1);
+      g = positive ? g : 0.0;
+    } else if constexpr (Relu) {
+      g = widen(y[off]) > Compute<T>(0) ? g : 0.0;
+    }
     return g;
   }
-  void prefetch(int64_t off, int64_t count) const {
+  // What the reduce reads besides dy and x, and what the apply reads (nothing more with Bits).
+  void prefetch_sums(int64_t off, int64_t count) const {
     if constexpr (Relu) prefetch_piece(y + off, count);
   }
+  void prefetch(int64_t off, int64_t count) const {
+    if constexpr (Relu && !Bits) prefetch_piece(y + off, count);
+  }
+  // Inputs the apply reads besides dy (and x).
+  static constexpr int kApplyInputs = Relu && !Bits ? 1 : 0;
 };
 
 // Backward statistics: sums of dy and dy * (x - mean) (dy masked by the ReLU when Relu).
-template <class T, bool Relu = false>
+template <class T, bool Relu = false, bool Bits = false>
 struct GradTerms {
   static constexpr bool kSquares = false;
   static constexpr int kInputs = Relu ? 3 : 2;
   const T* dy;
   const T* x;
-  MaskedDy<T, Relu> mask{};
+  MaskedDy<T, Relu, Bits> mask{};
   void prefetch(int64_t off, int64_t count) const {
     prefetch_piece(dy + off, count);
     prefetch_piece(x + off, count);
-    mask.prefetch(off, count);
+    mask.prefetch_sums(off, count);
   }
   void vec(int64_t off, vd mean, vd& a, vd& b) const {
     const vd g = mask.vec_d(dy, off);
