@@ -51,12 +51,16 @@ inline auto lanes_of(uint32_t bits) {
   return (broadcast<Lanes>(bits) & lane_bit) != 0;
 }
 
-// `count` (at most 25) bits from bit `off` on. The buffer has kBitsPadding bytes past its last bit.
-constexpr int64_t kBitsPadding = 8;
+// `count` (at most 16) bits from bit `off` on. Only the bytes that hold them are read: a byte
+// beyond may belong to another task's piece, which another thread may be writing.
+constexpr int64_t kBitsPadding = 8;  // bytes allocated past the last bit (kept for safety)
 inline uint32_t load_bits(const uint8_t* bits, int64_t off, int count) {
-  uint32_t word;
-  std::memcpy(&word, bits + (off >> 3), sizeof(word));
-  return (word >> (off & 7)) & ((uint32_t{1} << count) - 1);
+  const uint8_t* const at = bits + (off >> 3);
+  const int shift = static_cast<int>(off & 7);
+  uint32_t word = at[0];
+  if (shift + count > 8) word |= static_cast<uint32_t>(at[1]) << 8;
+  if (shift + count > 16) word |= static_cast<uint32_t>(at[2]) << 16;
+  return (word >> shift) & ((uint32_t{1} << count) - 1);
 }
 
 // Writes `count` bits (a power of two up to 16) at bit `off`, a multiple of count: inside one
