@@ -36,8 +36,8 @@ constexpr int64_t kMinBlockRowsTasks = 8;
 constexpr int64_t kMaxRowBlocks = 256;
 
 // The ReLU backward keeps y > 0 as bits between its reduce and its apply for tensors of up to 8x
-// this many elements (backward_relu_bits): 4 MiB of bits for 32 Mi elements.
-constexpr int64_t kMaxReluBitsBytes = 4 << 20;
+// this many elements (backward_relu_bits): 16 MiB of bits for 128 Mi elements (512 MB of float32).
+constexpr int64_t kMaxReluBitsBytes = 16 << 20;
 // Whole rows narrower than kFoldBelowWidth lanes are reduced kFoldRows rows at a time, so that
 // a super-row fills whole vectors on every ISA.
 constexpr int64_t kFoldRows = 16;
