@@ -48,17 +48,18 @@ def _backward(ctx, grad_y):
     need_input, need_weight, need_bias, need_residual, _ = ctx.needs_input_grad
     dx, grad_weight, grad_bias, grad_residual = _bridge.backward(
         grad_y, input, weight, mean, invstd, training, need_input, y, need_residual, views)
-    if need_weight and grad_weight.dtype != weight.dtype:
-        grad_weight = grad_weight.to(weight.dtype)
-    if need_bias and grad_bias.dtype != bias_dtype:
-        grad_bias = grad_bias.to(bias_dtype)
-    if need_residual and grad_residual.dtype != residual_dtype:
-        grad_residual = grad_residual.to(residual_dtype)
-    return (dx if need_input else None, grad_weight if need_weight else None,
-            grad_bias if need_bias else None, grad_residual if need_residual else None, None)
+    return (dx if need_input else None,
+            _as_dtype(grad_weight, weight.dtype) if need_weight else None,
+            _as_dtype(grad_bias, bias_dtype) if need_bias else None,
+            _as_dtype(grad_residual, residual_dtype) if need_residual else None,
+            None)
 
 
 _backward_once = once_differentiable(_backward)
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def run(

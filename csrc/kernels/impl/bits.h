@@ -52,8 +52,8 @@ inline auto lanes_of(uint32_t bits) {
 }
 
 // `count` (at most 16) bits from bit `off` on. Only the bytes that hold them are read: a byte
-// beyond may belong to another task's piece, which another thread may be writing.
-constexpr int64_t kBitsPadding = 8;  // bytes allocated past the last bit (kept for safety)
+// beyond may belong to another task's piece, which another thread may be writing (or lie past
+// the buffer's end).
 inline uint32_t load_bits(const uint8_t* bits, int64_t off, int count) {
   const uint8_t* const at = bits + (off >> 3);
   const int shift = static_cast<int>(off & 7);

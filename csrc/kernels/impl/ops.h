@@ -196,11 +196,11 @@ int64_t backward_reduce(const T* dy, const T* x, Geometry g, const double* mean,
 
 template <class T, class P, class Map, bool Relu, bool Bits>
 int64_t backward_with(const Map& map, const MaskedDy<T, Relu, Bits>& mask, const T* dy, const T* x,
-                      Geometry g, const P* save_mean, const P* save_invstd, const P* weight,
+                      const Plan& p, const P* save_mean, const P* save_invstd, const P* weight,
                       P* grad_weight, P* grad_bias, int num_threads) {
   using C = Compute<T>;
   constexpr int K = Map::kCoefs;
-  const Plan p = make_plan(g, sizeof(T));
+  const Geometry& g = p.g;
   const int threads = threads_for(p, sizeof(T), num_threads);
   ApplyState<T, K> st;
   if (!st.allocate(p, threads)) return -1;
@@ -231,20 +231,20 @@ int64_t backward_with(const Map& map, const MaskedDy<T, Relu, Bits>& mask, const
 }
 
 template <class T, class P, bool Relu, bool Bits>
-int64_t backward_masked(const T* dy, const T* x, T* dx, MaskedDy<T, Relu, Bits> mask, Geometry g,
+int64_t backward_masked(const T* dy, const T* x, T* dx, MaskedDy<T, Relu, Bits> mask, const Plan& p,
                         const P* save_mean, const P* save_invstd, const P* weight, bool training,
                         P* grad_weight, P* grad_bias, int num_threads) {
-  if (training && grad_train_in_range<Compute<T>>(save_invstd, weight, g.channels))
-    return backward_with(GradTrainMap<T, Relu, Bits>{{dy, x, dx, mask}}, mask, dy, x, g,
+  if (training && grad_train_in_range<Compute<T>>(save_invstd, weight, p.g.channels))
+    return backward_with(GradTrainMap<T, Relu, Bits>{{dy, x, dx, mask}}, mask, dy, x, p,
                          save_mean, save_invstd, weight, grad_weight, grad_bias, num_threads);
   if (training)
-    return backward_with(GradTrainWideMap<T, Relu, Bits>{{dy, x, dx, mask}}, mask, dy, x, g,
+    return backward_with(GradTrainWideMap<T, Relu, Bits>{{dy, x, dx, mask}}, mask, dy, x, p,
                          save_mean, save_invstd, weight, grad_weight, grad_bias, num_threads);
-  return backward_with(GradEvalMap<T, Relu, Bits>{dy, dx, mask}, mask, dy, x, g, save_mean,
+  return backward_with(GradEvalMap<T, Relu, Bits>{dy, dx, mask}, mask, dy, x, p, save_mean,
                        save_invstd, weight, grad_weight, grad_bias, num_threads);
 }
 
-// Bytes of the ReLU backward's bits (one per element) for a tensor of geometry g, or 0 where they
+// Bytes of the ReLU backward's bits (one per element) for a plan's tensor, or 0 where they
 // do not pay or cannot be written safely. They pay where the inputs come from memory (tensors as
 // large as the streaming threshold): one input stream less in the apply. From cache, reading y
 // costs less than unpacking the bits (relu backward (256, 1024): +40%). Only the row family's
@@ -253,8 +253,8 @@ int64_t backward_masked(const T* dy, const T* x, T* dx, MaskedDy<T, Relu, Bits> 
 // each row piece starts on a 64-element boundary, so that no two tasks share a byte of bits.
 // At most kMaxReluBitsBytes: larger tensors read y again (the workspace stays bounded).
 template <class T>
-int64_t backward_relu_bits(const Geometry& g) {
-  const Plan p = make_plan(g, sizeof(T));
+int64_t backward_relu_bits(const Plan& p) {
+  const Geometry& g = p.g;
   const int64_t row = g.channels * g.inner;
   if (!p.row_family || p.fused || p.fold != 1 || row % 64 != 0 ||
       p.chunk_channels * g.inner % 64 != 0 || !streaming_output(g, sizeof(T)))
@@ -267,25 +267,26 @@ template <class T, class P>
 int64_t backward(const T* dy, const T* x, T* dx, BackwardEpilogue<T> epilogue, Geometry g,
                  const P* save_mean, const P* save_invstd, const P* weight, bool training,
                  P* grad_weight, P* grad_bias, int num_threads) {
+  const Plan p = make_plan(g, sizeof(T));
   if (epilogue.y) {
     if constexpr (sizeof(Compute<T>) == 4) {  // (not instantiated for double data)
-      if (const int64_t bytes = backward_relu_bits<T>(g)) {
-        void* const bits = std::malloc(static_cast<size_t>(bytes + kBitsPadding));
+      if (const int64_t bytes = backward_relu_bits<T>(p)) {
+        void* const bits = std::malloc(static_cast<size_t>(bytes));
         if (bits == nullptr) return -1;
         const int64_t status = backward_masked(
             dy, x, dx,
             MaskedDy<T, true, true>{epilogue.y, epilogue.grad_residual,
                                     static_cast<uint8_t*>(bits)},
-            g, save_mean, save_invstd, weight, training, grad_weight, grad_bias, num_threads);
+            p, save_mean, save_invstd, weight, training, grad_weight, grad_bias, num_threads);
         std::free(bits);
         return status;
       }
     }
-    return backward_masked(dy, x, dx, MaskedDy<T, true>{epilogue.y, epilogue.grad_residual}, g,
+    return backward_masked(dy, x, dx, MaskedDy<T, true>{epilogue.y, epilogue.grad_residual}, p,
                            save_mean, save_invstd, weight, training, grad_weight, grad_bias,
                            num_threads);
   }
-  return backward_masked(dy, x, dx, MaskedDy<T, false>{nullptr, nullptr}, g, save_mean,
+  return backward_masked(dy, x, dx, MaskedDy<T, false>{nullptr, nullptr}, p, save_mean,
                          save_invstd, weight, training, grad_weight, grad_bias, num_threads);
 }
 

@@ -55,23 +55,17 @@ struct MaskedDy {
   uint8_t* bits = nullptr;
   Vec<T> vec(const T* dy, int64_t off) const {
     Vec<T> g = load_compute(dy + off);
-    if constexpr (Relu && Bits) {
-      g = lanes_of<Vec<T>>(load_bits(bits, off, static_cast<int>(kVecElems<T>))) ? in_register(g)
-                                                                                  : Vec<T>{};
-      if (grad_residual) store_compute(grad_residual + off, g);
-    } else if constexpr (Relu) {
-      g = load_compute(y + off) > Compute<T>(0) ? in_register(g) : Vec<T>{};
+    if constexpr (Relu) {
+      g = applied_mask(off) ? in_register(g) : Vec<T>{};
       if (grad_residual) store_compute(grad_residual + off, g);
     }
     return g;
   }
   Compute<T> one(const T* dy, int64_t off) const {
     Compute<T> g = widen(dy[off]);
-    if constexpr (Relu && Bits) {
-      g = load_bits(bits, off, 1) ? g : Compute<T>(0);
-      if (grad_residual) grad_residual[off] = narrow<T>(g);
-    } else if constexpr (Relu) {
-      g = widen(y[off]) > Compute<T>(0) ? g : Compute<T>(0);
+    if constexpr (Relu) {
+      const bool positive = Bits ? load_bits(bits, off, 1) != 0 : widen(y[off]) > Compute<T>(0);
+      g = positive ? g : Compute<T>(0);
       if (grad_residual) grad_residual[off] = narrow<T>(g);
     }
     return g;
@@ -80,44 +74,30 @@ struct MaskedDy {
   // widenings).
   Vec<T> sum_vec(const T* dy, int64_t off) const {
     const Vec<T> g = load_compute(dy + off);
-    if constexpr (Relu && Bits) {
+    if constexpr (Relu) {
       const Vec<T> v = load_compute(y + off);
-      store_bits(bits, off, positive_bits(v), static_cast<int>(kVecElems<T>));
+      if constexpr (Bits) store_bits(bits, off, positive_bits(v), static_cast<int>(kVecElems<T>));
       return v > Compute<T>(0) ? in_register(g) : Vec<T>{};
     }
-    if constexpr (Relu) return load_compute(y + off) > Compute<T>(0) ? in_register(g) : Vec<T>{};
     return g;
   }
   Compute<T> sum_one(const T* dy, int64_t off) const {
     const Compute<T> g = widen(dy[off]);
-    if constexpr (Relu && Bits) {
-      const bool positive = widen(y[off]) > Compute<T>(0);
-      store_bits(bits, off, positive, 1);
-      return positive ? g : Compute<T>(0);
-    }
-    if constexpr (Relu) return widen(y[off]) > Compute<T>(0) ? g : Compute<T>(0);
+    if constexpr (Relu) return sum_positive(off) ? g : Compute<T>(0);
     return g;
   }
   vd vec_d(const T* dy, int64_t off) const {
     vd g = load_vd(dy + off);
-    if constexpr (Relu && Bits) {
+    if constexpr (Relu) {
       const vd v = load_vd(y + off);
-      store_bits(bits, off, positive_bits(v), static_cast<int>(kDoublesPerVec));
+      if constexpr (Bits) store_bits(bits, off, positive_bits(v), static_cast<int>(kDoublesPerVec));
       g = v > 0.0 ? in_register(g) : vd{};
-    } else if constexpr (Relu) {
-      g = load_vd(y + off) > 0.0 ? in_register(g) : vd{};
     }
     return g;
   }
   double one_d(const T* dy, int64_t off) const {
-    double g = static_cast<double>(widen(dy[off]));
-    if constexpr (Relu && Bits) {
-      const bool positive = widen(y[off]) > Compute<T>(0);
-      store_bits(bits, off, positive, 1);
-      g = positive ? g : 0.0;
-    } else if constexpr (Relu) {
-      g = widen(y[off]) > Compute<T>(0) ? g : 0.0;
-    }
+    const double g = static_cast<double>(widen(dy[off]));
+    if constexpr (Relu) return sum_positive(off) ? g : 0.0;
     return g;
   }
   // What the reduce reads besides dy and x, and what the apply reads (nothing more with Bits).
@@ -129,6 +109,21 @@ struct MaskedDy {
   }
   // Inputs the apply reads besides dy (and x).
   static constexpr int kApplyInputs = Relu && !Bits ? 1 : 0;
+
+ private:
+  // The apply's mask of a vector: the bits, or y > 0.
+  auto applied_mask(int64_t off) const {
+    if constexpr (Bits)
+      return lanes_of<Vec<T>>(load_bits(bits, off, static_cast<int>(kVecElems<T>)));
+    else
+      return load_compute(y + off) > Compute<T>(0);
+  }
+  // A reduce's y > 0 for one element, also written to the bits.
+  bool sum_positive(int64_t off) const {
+    const bool positive = widen(y[off]) > Compute<T>(0);
+    if constexpr (Bits) store_bits(bits, off, positive, 1);
+    return positive;
+  }
 };
 
 // Backward statistics: sums of dy and dy * (x - mean) (dy masked by the ReLU when Relu).
