@@ -106,8 +106,12 @@ def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
     if last:
         if not channels_last(t):
             t = t.detach().contiguous(memory_format=memory_format(True, t.dim()))
-        t = t.detach().permute(0, *range(2, t.dim()), 1)
-    elif not t.is_contiguous():
+        # The (N, ..., C) view taken in NumPy: a torch permute (and detach) goes through the
+        # dispatcher, ~10x slower than NumPy's transpose when a step's caches are cold
+        # (docs/benchmarks.md, "the bridge's torch calls").
+        array = _numpy(t)
+        return array.transpose(0, *range(2, array.ndim), 1)
+    if not t.is_contiguous():
         t = t.detach().contiguous()
     return _numpy(t)
 
@@ -227,7 +231,8 @@ def backward(
 
 def _as_tensor(array: np.ndarray, last: bool, dtype: torch.dtype) -> torch.Tensor:
     """A kernel-layout NumPy array as a tensor of the logical (N, C, ...) shape."""
-    t = torch.from_numpy(array.view(np.uint16) if dtype == torch.bfloat16 else array)
+    if last:  # (in NumPy, as in kernel_view)
+        array = array.transpose(0, array.ndim - 1, *range(1, array.ndim - 1))
     if dtype == torch.bfloat16:
-        t = t.view(torch.bfloat16)
-    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1)) if last else t
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
