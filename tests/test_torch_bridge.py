@@ -234,6 +234,39 @@ def test_empty_batch_matches_torch():
     torch.testing.assert_close(ours(x), ref(x))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert_close(getattr(ours, name), getattr(ref, name), 0, 0, name)
+    # the output's and the gradient's strides are torch's (NumPy gives empty arrays zero strides)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(0, 8, 4, 4).contiguous(memory_format=fmt).requires_grad_()
+        y_ref = torch.nn.functional.batch_norm(x, torch.zeros(8), torch.ones(8), training=True)
+        y = bt.batch_norm(x, torch.zeros(8), torch.ones(8), training=True)
+        assert y.stride() == y_ref.stride()
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        (dx_ref,) = torch.autograd.grad(y_ref, x, torch.ones_like(y_ref))
+        assert dx.stride() == dx_ref.stride()
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_mixed_parameter_dtypes_raise_torchs_error(half):
+    """Half input takes parameters all float32 or all of its dtype; torch refuses a mix, and so
+    does bnc (by running torch's own), in training and eval, leaving the statistics alone."""
+    x = torch.randn(4, 3, dtype=half)
+    f32 = {"weight": torch.ones(3), "bias": torch.zeros(3),
+           "running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    for mixed in ("weight", "running_mean"):
+        for training in (True, False):
+            kw = {k: v.to(half) if k == mixed else v.clone() for k, v in f32.items()}
+            with pytest.raises(RuntimeError) as theirs:
+                torch.nn.functional.batch_norm(x, training=training, **kw)
+            before = {k: v.clone() for k, v in kw.items()}
+            with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+                bt.batch_norm(x, training=training, **kw)
+            for k, v in kw.items():
+                assert torch.equal(v, before[k]), k
+    # all float32, or all of the input's dtype: computed
+    for dtype in (torch.float32, half):
+        kw = {k: v.to(dtype) for k, v in f32.items()}
+        y = bt.batch_norm(x, training=True, **kw)
+        assert y.dtype == half
 
 
 def test_non_finite_channel_keeps_its_running_statistics():

@@ -42,8 +42,8 @@ _STRIDED = torch.strided
 
 def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether bnc computes this call: CPU tensors of 2 to 5 dimensions, float32 or float64 with
-    parameters of the same dtype, or float16 or bfloat16 with float32 parameters or their own
-    dtype's, each (C,).
+    parameters of the same dtype, or float16 or bfloat16 with parameters all float32 or all of
+    the input's dtype (torch refuses a mix), each (C,).
     Anything else goes to torch's own batch norm (the callers' fallback), which also gives
     torch's own errors for what it refuses."""
     # (is_cpu, layout identity and integer sizes: comparing a torch.Size with a tuple goes
@@ -54,9 +54,16 @@ def supported(input: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     if allowed is None:
         return False
     channels = input.shape[1]
+    dtype = None  # the parameters' one dtype
     for p in params:  # (numel: a 1-D tensor's length, cheaper than shape[0])
-        if p is not None and (not p.is_cpu or p.dtype not in allowed or p.dim() != 1
-                              or p.numel() != channels or p.layout is not _STRIDED):
+        if p is None:
+            continue
+        if dtype is None:
+            dtype = p.dtype
+            if dtype not in allowed:
+                return False
+        if (p.dtype != dtype or not p.is_cpu or p.dim() != 1 or p.numel() != channels
+                or p.layout is not _STRIDED):
             return False
     return True
 
@@ -91,6 +98,9 @@ def empty_output(input: torch.Tensor, last: bool) -> Tuple[torch.Tensor, np.ndar
     format when it is contiguous or channels-last, else contiguous: other strides are copied),
     and the NumPy view the kernels write. Large ones take their memory from bnc's output pool
     (bnc.set_output_pool_bytes): it goes back there when the last tensor using it is gone."""
+    if input.numel() == 0:  # (NumPy gives an empty array zero strides: torch's layout instead)
+        t = torch.empty_like(input)
+        return t, kernel_view(t, last)
     shape = tuple(input.shape)
     if last:
         shape = (shape[0],) + shape[2:] + (shape[1],)
