@@ -98,8 +98,8 @@ def empty_output(input: torch.Tensor, last: bool) -> Tuple[torch.Tensor, np.ndar
     format when it is contiguous or channels-last, else contiguous: other strides are copied),
     and the NumPy view the kernels write. Large ones take their memory from bnc's output pool
     (bnc.set_output_pool_bytes): it goes back there when the last tensor using it is gone."""
-    if input.numel() == 0:  # (NumPy gives an empty array zero strides: torch's layout instead)
-        t = torch.empty_like(input)
+    if input.numel() == 0:  # (NumPy gives an empty array zero strides; these are the fake op's)
+        t = torch.empty_like(input, memory_format=memory_format(last, input.dim()))
         return t, kernel_view(t, last)
     shape = tuple(input.shape)
     if last:

@@ -83,8 +83,10 @@ def run(
     if not _bridge.supported(input, running_mean, running_var, weight, bias) or (
             not training and (running_mean is None or running_var is None)) or (
             (running_mean is None) != (running_var is None)) or (
-            residual is not None and (residual.shape != input.shape or not residual.is_cpu)):
-        # torch's own: other devices and dtypes, and its errors for what it refuses
+            residual is not None and (residual.shape != input.shape or not residual.is_cpu)) or (
+            input.numel() == 0):
+        # torch's own: other devices and dtypes, its errors for what it refuses, and empty
+        # tensors (nothing to compute; their strides and gradients as torch makes them)
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
