@@ -245,6 +245,27 @@ def test_empty_batch_matches_torch():
         assert dx.stride() == dx_ref.stride()
 
 
+@pytest.mark.parametrize("view", ["w_step", "crop", "crop_3d", "nchw_step"])
+def test_strided_views_keep_torchs_memory_format(view):
+    """A slice or crop of a channels-last tensor (not contiguous in any format) is computed, and
+    its output and gradient made, channels-last, as torch reads its strides; of an NCHW one,
+    contiguous."""
+    cl, cl3 = torch.channels_last, torch.channels_last_3d
+    x = {"w_step": torch.randn(4, 8, 6, 10).contiguous(memory_format=cl)[..., ::2],
+         "crop": torch.randn(4, 8, 6, 10).contiguous(memory_format=cl)[:, :, 1:-1, 2:],
+         "crop_3d": torch.randn(2, 8, 3, 4, 10).contiguous(memory_format=cl3)[..., 1:],
+         "nchw_step": torch.randn(4, 8, 6, 10)[..., ::2]}[view]
+    ours, ref = x.detach().requires_grad_(), x.detach().requires_grad_()
+    y = bt.batch_norm(ours, None, None, training=True)
+    y_ref = torch.nn.functional.batch_norm(ref, None, None, training=True)
+    g = torch.randn_like(y_ref)
+    (dx,) = torch.autograd.grad(y, ours, g)
+    (dx_ref,) = torch.autograd.grad(y_ref, ref, g)
+    assert y.stride() == y_ref.stride() and dx.stride() == dx_ref.stride()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_mixed_parameter_dtypes_raise_torchs_error(half):
     """Half input takes parameters all float32 or all of its dtype; torch refuses a mix, and so

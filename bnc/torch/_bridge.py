@@ -73,14 +73,34 @@ def param_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def channels_last(t: torch.Tensor) -> bool:
-    """Whether t is handed to the kernels as its (N, ..., C) view: 4-D or 5-D tensors in
-    channels_last / channels_last_3d that are not also plain contiguous."""
-    if t.dim() == 4:
-        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    if t.dim() == 5:
-        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
+    """Whether input t is computed channels-last: handed to the kernels as its (N, ..., C) view
+    (copied there first when it is not channels-last contiguous), its outputs channels-last.
+    torch's batch norm forward's choice of output format: a tensor contiguous in one of the two
+    formats keeps it (plain first); any other goes by torch's reading of its strides."""
+    fmt = _LAST_FORMATS.get(t.dim())
+    if fmt is None or t.is_contiguous():
+        return False
+    if t.is_contiguous(memory_format=fmt):
+        return True
+    return _strides_like_channels_last(t.shape, t.stride())
+
+
+def _strides_like_channels_last(shape, strides) -> bool:
+    """torch's reading of strides as channels-last (suggest_memory_format; c10's
+    is_channels_last_strides_2d_s4 and _3d_s5): strides that grow from C through the spatial
+    dimensions (last first) to N, with its tie-breaks for dimensions of size 1."""
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0) if len(shape) == 4 else (1, 4, 3, 2, 0):
+        if shape[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * shape[d] if shape[d] > 1 else strides[d]
+    return True
 
 
 def memory_format(last: bool, dim: int) -> torch.memory_format:
@@ -114,8 +134,8 @@ def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
     """The C-contiguous NumPy view the kernels read or write: (N, C, ...) or, channels-last,
     (N, ..., C). A tensor in neither layout is copied once."""
     if last:
-        if not channels_last(t):
-            t = t.detach().contiguous(memory_format=memory_format(True, t.dim()))
+        if not t.is_contiguous(memory_format=_LAST_FORMATS[t.dim()]):
+            t = t.detach().contiguous(memory_format=_LAST_FORMATS[t.dim()])
         # The (N, ..., C) view taken in NumPy: a torch permute (and detach) goes through the
         # dispatcher, ~10x slower than NumPy's transpose when a step's caches are cold
         # (docs/benchmarks.md, "the bridge's torch calls").
