@@ -104,9 +104,7 @@ def _strides_like_channels_last(shape, strides) -> bool:
 
 
 def memory_format(last: bool, dim: int) -> torch.memory_format:
-    if not last:
-        return torch.contiguous_format
-    return torch.channels_last if dim == 4 else torch.channels_last_3d
+    return _LAST_FORMATS[dim] if last else torch.contiguous_format
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64,
@@ -134,8 +132,9 @@ def kernel_view(t: torch.Tensor, last: bool) -> np.ndarray:
     """The C-contiguous NumPy view the kernels read or write: (N, C, ...) or, channels-last,
     (N, ..., C). A tensor in neither layout is copied once."""
     if last:
-        if not t.is_contiguous(memory_format=_LAST_FORMATS[t.dim()]):
-            t = t.detach().contiguous(memory_format=_LAST_FORMATS[t.dim()])
+        fmt = _LAST_FORMATS[t.dim()]
+        if not t.is_contiguous(memory_format=fmt):
+            t = t.detach().contiguous(memory_format=fmt)
         # The (N, ..., C) view taken in NumPy: a torch permute (and detach) goes through the
         # dispatcher, ~10x slower than NumPy's transpose when a step's caches are cold
         # (docs/benchmarks.md, "the bridge's torch calls").
